@@ -1,0 +1,216 @@
+"""The ``edgec`` command line: thin Typer commands, each calling one core function.
+
+Module load imports no torch/onnxruntime (DESIGN.md principle 6); every command imports what it
+needs. Every EdgecError is caught here: one clear message, its exit code, no traceback unless
+``--verbose``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgec.errors import EdgecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="edgec: prune, quantize and distil models for edge devices; export to ONNX/TensorRT; "
+                       "measure latency and accuracy of the exported artifact.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+_state = {"verbose": False}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks on errors")] = False):
+    _state["verbose"] = verbose
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
+    force: Annotated[bool, typer.Option(help="overwrite an existing demo run")] = True,
+):
+    """The whole pipeline on sklearn's 8x8 digits: FP32 baseline -> prune+QAT+KD -> ONNX int8 -> bench."""
+    from edgec.demo import run_demo
+
+    run_demo(out, force=force, console=_console())
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Option(help="zoo name (see `edgec models`), path/to/file.py:factory or package.module:factory")],
+    data: Annotated[str, typer.Option(help="digits | cifar10:PATH | imagefolder:PATH | python:module:factory")],
+    recipe: Annotated[str, typer.Option(help="shipped recipe name (see `edgec recipes list`) or a YAML file")],
+    weights: Annotated[Optional[str], typer.Option(help="state_dict checkpoint of the model (loaded with weights_only=True)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field, e.g. --set stages.0.epochs=3")] = None,
+    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/latest"),
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite --out even if it holds another run")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="allow loading pickled whole modules (runs arbitrary code!)")] = False,
+    no_export: Annotated[bool, typer.Option("--no-export", help="stop after training (run `edgec export` later)")] = False,
+):
+    """Compress a trained model with a recipe, then export, bench and report."""
+    from edgec.compress import CompressRequest, compress as run
+
+    run(CompressRequest(model=model, data=data, recipe=recipe, weights=weights, overrides=tuple(set_ or ()),
+                        out=out, device=device, resume=resume, force=force, trust_pickle=trust_pickle,
+                        export=not no_export), console=_console())
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="run directory of `edgec compress`")],
+    format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    target: Annotated[Optional[str], typer.Option(help="x86 | arm64 | tensorrt (default: the run's target)")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (13..21)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output file (default RUN_DIR/export/model_compressed.onnx)")] = None,
+):
+    """Export a run's compressed model (Q/DQ ONNX) and check it against PyTorch."""
+    from edgec.pipeline import export_run
+
+    if target is not None:
+        from edgec.targets import get_target
+
+        get_target(target)
+    export_run(run_dir, target=target, opset=opset, out=out, fmt=format, console=_console())
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="an .onnx file")],
+    data: Annotated[Optional[str], typer.Option(help="data SPEC for accuracy (its eval split)")] = None,
+    threads: Annotated[int, typer.Option(help="intra-op threads")] = 1,
+    batch: Annotated[int, typer.Option(help="batch size")] = 1,
+    warmup: Annotated[int, typer.Option(help="warm-up runs")] = 10,
+    runs: Annotated[int, typer.Option(help="timed runs")] = 100,
+    provider: Annotated[Optional[list[str]], typer.Option(help="ORT execution provider(s), e.g. CUDAExecutionProvider")] = None,
+    budget_ms: Annotated[Optional[float], typer.Option(help="exit non-zero when p50 latency exceeds this")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option(help="limit accuracy to N eval samples")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results to this JSON file")] = None,
+):
+    """Latency (p50/p90/p99), throughput, peak memory and accuracy of an ONNX model in ONNX Runtime."""
+    from edgec.bench import bench as run_bench, print_bench_table
+    from edgec.errors import BudgetExceeded
+    from edgec.runs import atomic_write_text
+
+    ex = ey = None
+    if data is not None:
+        from edgec.data import load_data, to_numpy
+
+        ex, ey = to_numpy(load_data(data).eval, limit=eval_samples)
+    console = _console()
+    try:
+        res = run_bench(model, eval_x=ex, eval_y=ey, threads=threads, batch=batch, warmup=warmup, runs=runs,
+                        providers=provider, budget_ms=budget_ms)
+        err = None
+    except BudgetExceeded as exc:
+        res, err = exc.results, exc
+    print_bench_table([res], console)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(res, indent=2, default=str))
+    if err is not None:
+        raise err
+
+
+@app.command()
+def models(pattern: Annotated[str, typer.Argument(help="glob, e.g. 'resnet*'")] = "*"):
+    """List the model zoo."""
+    from rich.table import Table
+
+    from edgec.models import list_models, model_info
+
+    table = Table(title="edgec model zoo")
+    for col in ("name", "input", "classes", "params", "description"):
+        table.add_column(col)
+    for name in list_models(pattern):
+        info = model_info(name)
+        table.add_row(name, "x".join(map(str, info["input_shape"])), str(info["num_classes"]),
+                      f"{info['params']:,}", info["description"])
+    _console().print(table)
+
+
+@recipes_app.command("list")
+def recipes_list():
+    """List the shipped recipes."""
+    from rich.table import Table
+
+    from edgec.recipe import load_recipe, shipped_recipes
+
+    table = Table(title="shipped recipes")
+    for col in ("name", "stages", "target", "description"):
+        table.add_column(col)
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        table.add_row(name, " -> ".join(s.method for s in r.stages), r.target, r.description)
+    _console().print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="shipped recipe name or YAML path")]):
+    """Print a recipe's YAML (with its header comments)."""
+    from edgec.recipe import resolve_source
+
+    _, path = resolve_source(name)
+    typer.echo(path.read_text())
+
+
+@recipes_app.command("validate")
+def recipes_validate(
+    name: Annotated[str, typer.Argument(help="shipped recipe name or YAML path")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. stages.0.epochs=3")] = None,
+):
+    """Validate a recipe (and overrides); print it resolved with all defaults."""
+    from edgec.recipe import dump_recipe, load_recipe
+
+    r = load_recipe(name, list(set_ or ()))
+    typer.echo(dump_recipe(r))
+    _console().print(f"[green]{name}: valid[/]")
+
+
+def main() -> None:
+    verbose = "--verbose" in sys.argv or "-v" in sys.argv[1:2]
+    try:
+        app(standalone_mode=False)
+    except EdgecError as exc:
+        if verbose:
+            raise
+        _print_error(exc)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - click usage errors and unexpected failures
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if verbose:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc}\n  (run with --verbose for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _print_error(exc: EdgecError) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

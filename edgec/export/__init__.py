@@ -1,0 +1,1 @@
+"""Export compressed models to deployable artifacts (ONNX Q/DQ, TensorRT engines)."""

@@ -1,0 +1,80 @@
+"""Self-checks of an exported ONNX model: validity, parity with PyTorch, integer-kernel fusion."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+               "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+               "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")
+_COMPUTE = ("Conv", "Gemm", "MatMul")
+_FUSED_COMPUTE = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
+
+
+@dataclass
+class ParityReport:
+    samples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    checker_ok: bool
+    compute_nodes: int  # Conv/Gemm/MatMul in the exported graph
+    fused_compute: int  # of those, turned into integer kernels by ORT
+    integer_ops: dict[str, int]
+    float_compute_left: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fused_ops(path: Path, *, threads: int = 1) -> tuple[int, dict[str, int], int]:
+    """(compute nodes in the file, integer op counts after ORT optimization, float compute left)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    compute = sum(n.op_type in _COMPUTE for n in model.graph.node)
+    fd, opt_path = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = opt_path
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(opt_path).graph.node)
+    finally:
+        os.unlink(opt_path)
+    integer = {k: v for k, v in ops.items() if k in INTEGER_OPS}
+    float_left = sum(v for k, v in ops.items() if k in _COMPUTE or k == "FusedConv")
+    return compute, integer, float_left
+
+
+@torch.no_grad()
+def check_export(model: nn.Module, path: Path, x: np.ndarray, *, batch_size: int = 256) -> ParityReport:
+    """Compare PyTorch (eval mode) and ONNX Runtime logits on real samples ``x``."""
+    import onnx
+
+    from edgec.runtime import load_session, predict
+
+    onnx.checker.check_model(str(path), full_check=True)
+    model = model.eval().cpu()
+    ref = np.concatenate([model(torch.from_numpy(x[i:i + batch_size])).numpy()
+                          for i in range(0, len(x), batch_size)])
+    sess = load_session(path, threads=1)
+    got = predict(sess, x, batch_size=batch_size)
+    diff = np.abs(ref - got)
+    compute, integer, float_left = fused_ops(path)
+    fused = sum(v for k, v in integer.items() if k in _FUSED_COMPUTE)
+    return ParityReport(samples=len(x), max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+                        top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean()), checker_ok=True,
+                        compute_nodes=compute, fused_compute=fused, integer_ops=integer,
+                        float_compute_left=float_left)

@@ -1,0 +1,220 @@
+"""PyTorch -> ONNX with integer weights and Q/DQ activations.
+
+The quantized model is exported through the legacy TorchScript exporter (it handles fake-quant
+with a dynamic batch; see PLATFORM-NOTES.md): activation quantizers become
+QuantizeLinear/DequantizeLinear pairs, and every quantized weight, which the simulation already
+holds exactly on its integer grid, is rewritten afterwards as an int8 initializer with a
+per-output-channel DequantizeLinear, so the file stores integers and ONNX Runtime can fuse
+QLinearConv/QGemm. Conv/Gemm biases become int32 with scale = input scale x weight scale, as ORT's
+integer kernels require.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgec.errors import ExportError
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QConv2d
+
+
+@dataclass
+class _WeightQ:
+    scale: np.ndarray  # per output channel
+    qmin: int
+    qmax: int
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    quantized: bool
+    opset: int
+    weight_tensors: dict[str, dict] = field(default_factory=dict)  # name -> {"bits", "qmin", "qmax"}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (*QUANT_MODULES, ActQuant)) for m in model.modules())
+
+
+def _export_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _WeightQ]]:
+    """Plain float modules holding the already-quantized weights; ActQuants switched to Q/DQ."""
+    m = copy.deepcopy(model).eval().cpu()
+    wq: dict[str, _WeightQ] = {}
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, QUANT_MODULES):
+            with torch.no_grad():
+                w = mod.quantized_weight().detach().clone()
+                scale = mod.wq.scale().detach().cpu().numpy().astype(np.float32).reshape(-1)
+            if isinstance(mod, QConv2d):
+                plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                                  padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                                  bias=mod.bias is not None, padding_mode=mod.padding_mode)
+            else:
+                plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            plain.weight = nn.Parameter(w)
+            if mod.bias is not None:
+                plain.bias = nn.Parameter(mod.bias.detach().clone())
+            parent_name, _, attr = name.rpartition(".")
+            setattr(m.get_submodule(parent_name) if parent_name else m, attr, plain)
+            wq[f"{name}.weight"] = _WeightQ(scale, mod.wq.qmin, mod.wq.qmax)
+        elif isinstance(mod, ActQuant):
+            mod.export_mode = True
+    return m, wq
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    vals = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    vals[node.output[0]] = numpy_helper.to_array(a.t)
+    return vals
+
+
+def _integerize(model_proto, wq: dict[str, _WeightQ]) -> dict[str, dict]:
+    """Replace float weight initializers by int8 + DequantizeLinear (and biases by int32 + DQ)."""
+    from onnx import helper, numpy_helper
+
+    g = model_proto.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = _constants(g)
+    producer = {o: n for n in g.node for o in n.output}
+    new_nodes, info = [], {}
+    missing = [n for n in wq if n not in inits]
+    if missing:
+        raise ExportError(f"exported graph lost the names of quantized weights: {missing[:5]}",
+                          hint="report this model; export with a different --opset may help")
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in wq:
+            continue
+        wname = node.input[1]
+        q = wq[wname]
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        axis = 0
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+            axis = 1
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        wint = np.clip(np.round(w / q.scale.reshape(shape)), q.qmin, q.qmax)
+        if np.abs(wint * q.scale.reshape(shape) - w).max() > 1e-4 * max(1.0, float(np.abs(w).max())):
+            raise ExportError(f"weight {wname} is not on its quantization grid")
+        g.initializer.remove(inits[wname])
+        g.initializer.extend([
+            numpy_helper.from_array(wint.astype(np.int8), wname + "_quantized"),
+            numpy_helper.from_array(q.scale.astype(np.float32), wname + "_scale"),
+            numpy_helper.from_array(np.zeros_like(q.scale, dtype=np.int8), wname + "_zero_point"),
+        ])
+        new_nodes.append(helper.make_node("DequantizeLinear", [wname + "_quantized", wname + "_scale",
+                                                               wname + "_zero_point"], [wname],
+                                          name=wname + "_DequantizeLinear", axis=axis))
+        info[wname] = {"bits": int(np.ceil(np.log2(q.qmax - q.qmin + 1))), "qmin": q.qmin, "qmax": q.qmax,
+                       "nonzero": int(np.count_nonzero(wint)), "numel": int(wint.size)}
+        # bias -> int32 with scale x_scale * w_scale (what ORT's integer kernels consume)
+        if len(node.input) >= 3 and node.input[2] in inits:
+            dq_in = producer.get(node.input[0])
+            if dq_in is None or dq_in.op_type != "DequantizeLinear" or dq_in.input[1] not in consts:
+                continue
+            x_scale = float(np.asarray(consts[dq_in.input[1]]).reshape(()))
+            bname = node.input[2]
+            b = numpy_helper.to_array(inits[bname]).astype(np.float64)
+            bscale = (x_scale * q.scale.astype(np.float64)).astype(np.float32)
+            bint = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
+            g.initializer.remove(inits[bname])
+            g.initializer.extend([
+                numpy_helper.from_array(bint, bname + "_quantized"),
+                numpy_helper.from_array(bscale, bname + "_scale"),
+                numpy_helper.from_array(np.zeros_like(bint), bname + "_zero_point"),
+            ])
+            new_nodes.append(helper.make_node("DequantizeLinear", [bname + "_quantized", bname + "_scale",
+                                                                   bname + "_zero_point"], [bname],
+                                              name=bname + "_DequantizeLinear", axis=0))
+    # DQ nodes first keeps the graph topologically sorted (their inputs are initializers)
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return info
+
+
+_SHAPE_OPS = ("Flatten", "Reshape", "MaxPool", "Squeeze", "Unsqueeze", "Transpose")
+
+
+def _requantize_shape_ops(model_proto) -> int:
+    """Give a Conv/Gemm fed by DQ -> (Flatten|Reshape|MaxPool...) its own Q/DQ pair.
+
+    Shape-only ops keep values on the same grid, so re-quantizing with the same scale and zero
+    point is exact; it lets ONNX Runtime see DQ -> Gemm and fuse the integer kernel.
+    """
+    from onnx import helper
+
+    g = model_proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    added = 0
+    for node in list(g.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        src = producer.get(node.input[0])
+        walk = src
+        while walk is not None and walk.op_type in _SHAPE_OPS:
+            walk = producer.get(walk.input[0])
+        if src is None or src.op_type == "DequantizeLinear" or walk is None or walk.op_type != "DequantizeLinear":
+            continue
+        name = node.input[0]
+        q_out, dq_out = name + "_requant_q", name + "_requant"
+        qnode = helper.make_node("QuantizeLinear", [name, *walk.input[1:]], [q_out], name=q_out)
+        dqnode = helper.make_node("DequantizeLinear", [q_out, *walk.input[1:]], [dq_out], name=dq_out)
+        idx = list(g.node).index(node)
+        g.node.insert(idx, dqnode)
+        g.node.insert(idx, qnode)
+        node.input[0] = dq_out
+        added += 1
+    return added
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, opset: int = 17) -> ExportResult:
+    """Export ``model`` (float or quantization-simulating) to ``out``; written atomically."""
+    import onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantized = is_quantized(model)
+    if quantized and opset < 13:
+        raise ExportError(f"per-channel Q/DQ needs opset >= 13, got {opset}", hint="use --opset 13 or newer")
+    m, wq = _export_copy(model) if quantized else (copy.deepcopy(model).eval().cpu(), {})
+    x = torch.zeros(1, *input_shape)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, (x,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              do_constant_folding=True)
+        proto = onnx.load(tmp)
+        if quantized:
+            _requantize_shape_ops(proto)
+            info = _integerize(proto, wq)
+        else:
+            info = {}
+        proto.producer_name = "edgec"
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, tmp)
+        os.replace(tmp, out)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportResult(out, quantized, opset, info)

@@ -1,0 +1,1 @@
+"""Quantization primitives: quantizers, quantized modules, graph preparation."""

@@ -1,0 +1,91 @@
+"""Quantized drop-in modules: weights fake-quantized per output channel, activations per tensor."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgec.quant.quantizers import Quantizer
+
+
+def _masked_weight(mod: nn.Module) -> Tensor:
+    mask = getattr(mod, "weight_mask", None)
+    return mod.weight if mask is None else mod.weight * mask
+
+
+class QConv2d(nn.Conv2d):
+    """nn.Conv2d whose (masked) weight passes through a per-channel quantizer ``wq``."""
+
+    wq: Quantizer
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wq: Quantizer) -> "QConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype)
+        q.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ("weight", "bias")})
+        if getattr(conv, "weight_mask", None) is not None:
+            q.register_buffer("weight_mask", conv.weight_mask.clone())
+        q.wq = wq
+        return q
+
+    def quantized_weight(self) -> Tensor:
+        return self.wq(_masked_weight(self))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QLinear(nn.Linear):
+    """nn.Linear whose (masked) weight passes through a per-channel quantizer ``wq``."""
+
+    wq: Quantizer
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, wq: Quantizer) -> "QLinear":
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        q.load_state_dict({k: v for k, v in lin.state_dict().items() if k in ("weight", "bias")})
+        if getattr(lin, "weight_mask", None) is not None:
+            q.register_buffer("weight_mask", lin.weight_mask.clone())
+        q.wq = wq
+        return q
+
+    def quantized_weight(self) -> Tensor:
+        return self.wq(_masked_weight(self))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class ActQuant(nn.Module):
+    """A per-tensor activation quantization point (becomes a QuantizeLinear/DequantizeLinear pair).
+
+    ``container`` is the ONNX integer type ("uint8" or "int8") and ``zero_point`` the zero point
+    used in it; the quantizer's own range [qmin, qmax] is relative to that zero point.
+    """
+
+    def __init__(self, quantizer: Quantizer, *, container: str, zero_point: int):
+        super().__init__()
+        self.q = quantizer
+        self.container = container
+        self.zero_point = zero_point
+        self.export_mode = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.export_mode:
+            return self.q(x)
+        scale = float(self.q.scale().reshape(()))
+        cmin, cmax = (0, 255) if self.container == "uint8" else (-128, 127)
+        y = torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, cmin, cmax)
+        lo, hi = self.q.qmin + self.zero_point, self.q.qmax + self.zero_point
+        if lo > cmin or hi < cmax:  # fewer bits than the container: clip to the trained range
+            y = torch.clamp(y, self.q.qmin * scale, self.q.qmax * scale)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"container={self.container}, zero_point={self.zero_point}"
+
+
+QUANT_MODULES = (QConv2d, QLinear)

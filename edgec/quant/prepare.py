@@ -1,0 +1,271 @@
+"""Turn a float model into a quantization-simulating one (graph mode, torch.fx).
+
+``quantize_model`` traces the model, folds BatchNorm into the preceding conv/linear (what is
+trained is then exactly what is exported), swaps Conv2d/Linear for their quantized versions and
+places per-tensor activation quantizers where ONNX Runtime expects Q/DQ pairs to fuse integer
+kernels:
+
+* after every graph input,
+* after every conv/linear, or after its ReLU when the ReLU is its only user (unsigned then),
+* after every residual add (or its ReLU),
+* after average pooling,
+* and before any quantized layer whose input would otherwise reach it unquantized.
+
+Layers with parameters that are neither Conv2d nor Linear are *unsupported*: they are named, and
+either left in float or reported as an error (``unsupported: float | error``).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from edgec.errors import InputError
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QConv2d, QLinear
+from edgec.quant.quantizers import make_quantizer
+from edgec.targets import TargetProfile
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_quantizer: str = "lsq"  # lsq | minmax | ema | percentile
+    act_quantizer: str = "lsq"  # lsq | ema | minmax | percentile
+    percentile: float = 99.99
+    first_layer_bits: int | None = None  # weight & act bits of the first quantized layer
+    last_layer_bits: int | None = None
+    unsupported: str = "float"  # float | error
+
+
+@dataclass
+class QuantReport:
+    quantized: list[str] = field(default_factory=list)
+    left_float: list[str] = field(default_factory=list)
+    act_points: int = 0
+
+    def as_dict(self) -> dict:
+        return {"quantized_layers": self.quantized, "float_layers": self.left_float,
+                "activation_quant_points": self.act_points}
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NO_PARAM_OK = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                nn.Dropout, nn.Dropout2d, nn.Identity, nn.SiLU, nn.Sigmoid, nn.Hardswish)
+_PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity)
+_PASS_FUNCS = {torch.flatten, F.max_pool2d, F.dropout}
+_PASS_METHODS = {"view", "reshape", "flatten", "contiguous"}
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - tracing errors are arbitrary user-code errors
+        raise InputError(
+            f"cannot trace {type(model).__name__} with torch.fx for quantization: {exc}",
+            hint="quantization needs a forward() without data-dependent Python control flow; "
+                 "move such logic out of forward() or wrap it in a leaf module") from exc
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))
+    return None
+
+
+def _set_module(gm: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, new)
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold every BatchNorm that directly follows a conv/linear (its only user) into it."""
+    gm.eval()
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if not isinstance(bn, _BN) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        prev = node.args[0]
+        layer = _module(gm, prev)
+        if len(prev.users) != 1 or not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        fused = fuse_conv_bn_eval(layer, bn) if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval(layer, bn)
+        fused.weight = nn.Parameter(fused.weight.detach().clone())
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(fused.bias.detach().clone())
+        _set_module(gm, str(prev.target), fused)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return (isinstance(_module(gm, n), nn.ReLU)
+            or (n.op == "call_function" and n.target in (F.relu, torch.relu))
+            or (n.op == "call_method" and n.target == "relu"))
+
+
+def _is_add(n: fx.Node) -> bool:
+    is_add = ((n.op == "call_function" and n.target in (operator.add, torch.add))
+              or (n.op == "call_method" and n.target in ("add", "__add__")))
+    return is_add and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2
+
+
+def _is_avgpool(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return (isinstance(_module(gm, n), (nn.AdaptiveAvgPool2d, nn.AvgPool2d))
+            or (n.op == "call_function" and n.target in (F.adaptive_avg_pool2d, F.avg_pool2d)))
+
+
+def _is_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return (isinstance(_module(gm, n), _PASS_MODULES)
+            or (n.op == "call_function" and n.target in _PASS_FUNCS)
+            or (n.op == "call_method" and n.target in _PASS_METHODS))
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Leaf modules holding parameters that quantization does not cover."""
+    out = []
+    for name, mod in model.named_modules():
+        if any(True for _ in mod.children()):
+            continue
+        if isinstance(mod, (nn.Conv2d, nn.Linear, *QUANT_MODULES, ActQuant)):
+            continue
+        if isinstance(mod, _NO_PARAM_OK) or not any(True for _ in mod.parameters(recurse=False)):
+            continue
+        out.append(f"{name} ({type(mod).__name__})")
+    return out
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> tuple[fx.GraphModule, QuantReport]:
+    """Return a traced copy of ``model`` with BN folded and quantizers inserted."""
+    gm = fold_batchnorm(trace(copy.deepcopy(model)))
+    report = QuantReport()
+    bad = unsupported_layers(gm)
+    if bad and spec.unsupported == "error":
+        raise InputError("layers that QAT does not support: " + ", ".join(bad),
+                         hint="set `unsupported: float` in the stage to leave them in floating point")
+    report.left_float = bad
+
+    layer_nodes = [n for n in gm.graph.nodes if isinstance(_module(gm, n), (nn.Conv2d, nn.Linear))]
+    for i, node in enumerate(layer_nodes):
+        layer = _module(gm, node)
+        bits = spec.weight_bits
+        if i == 0 and spec.first_layer_bits:
+            bits = spec.first_layer_bits
+        if i == len(layer_nodes) - 1 and spec.last_layer_bits:
+            bits = spec.last_layer_bits
+        qmin, qmax = target.weight_range(bits)
+        wq = make_quantizer(spec.weight_quantizer, qmin=qmin, qmax=qmax, per_channel=True,
+                            channels=layer.weight.shape[0], percentile=spec.percentile)
+        cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
+        _set_module(gm, str(node.target), cls.from_float(layer, wq))
+        report.quantized.append(str(node.target))
+
+    last = layer_nodes[-1] if layer_nodes else None
+    counter = iter(range(10**6))
+    signed_of: dict[fx.Node, bool] = {}
+
+    def act_bits_for(src: fx.Node) -> int:
+        if src is last and spec.last_layer_bits:
+            return spec.last_layer_bits
+        return spec.act_bits
+
+    def insert_after(src: fx.Node, signed: bool, bits: int, before_user: fx.Node | None = None) -> fx.Node:
+        qmin, qmax = target.act_range(bits, signed)
+        aq = ActQuant(make_quantizer(spec.act_quantizer, qmin=qmin, qmax=qmax, per_channel=False,
+                                     percentile=spec.percentile),
+                      container=target.act_container, zero_point=target.act_zero_point(signed))
+        name = f"aq_{next(counter)}"
+        gm.add_submodule(name, aq)
+        anchor = before_user.prev if before_user is not None else src
+        with gm.graph.inserting_after(anchor):
+            new = gm.graph.call_module(name, (src,))
+        if before_user is not None:
+            before_user.replace_input_with(src, new)
+        else:
+            src.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        signed_of[new] = signed
+        report.act_points += 1
+        return new
+
+    def source_signed(n: fx.Node) -> bool:
+        while n is not None and n not in signed_of:
+            if n.op == "placeholder" or not n.args or not isinstance(n.args[0], fx.Node):
+                return True
+            if _is_relu(gm, n):
+                return False
+            n = n.args[0]
+        return signed_of.get(n, True)
+
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder":
+            insert_after(node, True, spec.first_layer_bits or spec.act_bits)
+        elif isinstance(_module(gm, node), QUANT_MODULES) or _is_add(node):
+            users = list(node.users)
+            end = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
+            insert_after(end, end is node, act_bits_for(node))
+        elif _is_avgpool(gm, node):
+            insert_after(node, source_signed(node.args[0]), spec.act_bits)
+
+    # every quantized layer must read a quantized tensor (through shape-only ops at most)
+    for node in list(gm.graph.nodes):
+        if not isinstance(_module(gm, node), QUANT_MODULES):
+            continue
+        src = node.args[0]
+        walk = src
+        while isinstance(walk, fx.Node) and not isinstance(_module(gm, walk), ActQuant) and _is_pass(gm, walk):
+            walk = walk.args[0]
+        if not (isinstance(walk, fx.Node) and isinstance(_module(gm, walk), ActQuant)):
+            insert_after(src, source_signed(src), spec.act_bits, before_user=node)
+
+    gm.graph.lint()
+    gm.recompile()
+    return gm, report
+
+
+def quantizers(model: nn.Module):
+    """All quantizer modules of a model (weights and activations)."""
+    from edgec.quant.quantizers import Quantizer
+
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def set_calibrating(model: nn.Module, on: bool) -> None:
+    for q in quantizers(model):
+        q.calibrating = on
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches, device: torch.device | str = "cpu") -> int:
+    """Run calibration batches through the model with all quantizers observing, not quantizing.
+
+    Weight quantizers observe their weights once; activation quantizers observe every batch.
+    Returns the number of samples seen.
+    """
+    model.eval()
+    for mod in model.modules():
+        if isinstance(mod, QUANT_MODULES):
+            mod.wq.observe(mod.weight if getattr(mod, "weight_mask", None) is None else mod.weight * mod.weight_mask)
+    act = [m.q for m in model.modules() if isinstance(m, ActQuant)]
+    for q in act:
+        q.calibrating = True
+    seen = 0
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+            seen += len(x)
+    finally:
+        for q in act:
+            q.calibrating = False
+    return seen

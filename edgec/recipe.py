@@ -1,0 +1,279 @@
+"""Recipes are data: a strict schema (unknown keys are errors), one config class per method.
+
+A recipe is YAML::
+
+    version: 1
+    name: prune-qat-int8
+    target: x86            # export profile: x86 | arm64 | tensorrt
+    stages:
+      - method: prune
+        target_sparsity: 0.5
+        epochs: 2
+      - method: qat
+        epochs: 3
+
+``--set stages.0.epochs=3`` overrides any field before validation; every problem is listed at
+once with its path.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgec.errors import RecipeError
+from edgec.registry import did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Optim(_Strict):
+    """Training settings shared by every training stage."""
+
+    epochs: int = Field(1, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant", "step", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
+
+
+class KD(_Strict):
+    """Knowledge distillation from a teacher (METHODS.md common notation + section 6)."""
+
+    teacher: str = Field("input", description="'input' (the model given to compress) or a model SPEC")
+    teacher_weights: str | None = None
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="loss = (1-alpha)*CE + alpha*tau^2*KL")
+    calibrate: bool = Field(False, description="fit a temperature T_c for the teacher on held-out data first")
+    calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out for T_c")
+
+
+class Quant(_Strict):
+    weight_bits: int = Field(8, ge=2, le=8)
+    act_bits: int = Field(8, ge=2, le=8)
+    first_layer_bits: int | None = Field(None, ge=2, le=8)
+    last_layer_bits: int | None = Field(None, ge=2, le=8)
+    unsupported: Literal["float", "error"] = Field(
+        "float", description="layers QAT cannot quantize: leave them float, or stop with an error")
+    calibration_samples: int = Field(512, ge=1)
+
+
+class TrainStage(Optim):
+    method: Literal["train"]
+    kd: KD | None = None
+
+
+class DistillStage(Optim):
+    method: Literal["distill"]
+    kd: KD = Field(default_factory=KD)
+
+
+class PruneStage(Optim):
+    method: Literal["prune"]
+    target_sparsity: float = Field(..., ge=0, lt=1)
+    scope: Literal["global", "layer"] = "global"
+    schedule_kind: Literal["cubic", "oneshot"] = Field("cubic", description="cubic = AGP (Zhu & Gupta 2017)")
+    ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of the stage's steps over which sparsity ramps")
+    update_every: int = Field(16, ge=1, description="recompute masks every k steps")
+    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    kd: KD | None = None
+
+
+class QATStage(Optim, Quant):
+    method: Literal["qat"]
+    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
+    act_quantizer: Literal["lsq", "ema"] = "lsq"
+    kd: KD | None = None
+    lr: float = Field(0.002, gt=0)
+    quantizer_lr: float | None = Field(None, gt=0, description="lr of LSQ step sizes (default: lr)")
+
+
+class PTQStage(Quant):
+    method: Literal["ptq"]
+    observer: Literal["minmax", "percentile", "ema"] = "minmax"
+    percentile: float = Field(99.99, gt=50, le=100)
+    weight_quantizer: Literal["minmax"] = "minmax"
+
+
+Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage], Field(discriminator="method")]
+
+
+class ExportCfg(_Strict):
+    enabled: bool = True
+    opset: int = Field(17, ge=13, le=21)
+    parity_samples: int = Field(1000, ge=1)
+
+
+class BenchCfg(_Strict):
+    enabled: bool = True
+    threads: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1)
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(100, ge=1)
+    eval_samples: int | None = Field(None, ge=1, description="limit ORT accuracy to this many eval samples")
+
+
+class Recipe(_Strict):
+    version: Literal[1] = 1
+    name: str = "unnamed"
+    description: str = ""
+    target: Literal["x86", "arm64", "tensorrt"] = "x86"
+    seed: int = 0
+    stages: list[Stage] = Field(..., min_length=1)
+    export: ExportCfg = Field(default_factory=ExportCfg)
+    bench: BenchCfg = Field(default_factory=BenchCfg)
+
+    @field_validator("stages")
+    @classmethod
+    def _one_quantization(cls, stages: list) -> list:
+        quant = [i for i, s in enumerate(stages) if s.method in ("qat", "ptq")]
+        if len(quant) > 1:
+            raise ValueError(f"at most one qat/ptq stage per recipe (found at {quant})")
+        if quant:
+            after = [s.method for s in stages[quant[0] + 1:] if s.method == "prune"]
+            if after:
+                raise ValueError("prune stages must come before the qat/ptq stage")
+        return stages
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+def shipped_dir() -> Path:
+    """Folder of the shipped recipes (inside the wheel, or the repo's recipes/ when editable)."""
+    try:
+        p = Path(str(importlib.resources.files("edgec") / "_recipes"))
+        if p.is_dir():
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem.replace("_", "-"): p for p in sorted(shipped_dir().glob("*.yaml"))}
+
+
+def _loc(loc: tuple) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(str(item))
+        elif item in ("train", "distill", "prune", "qat", "ptq") and parts and parts[-1].isdigit():
+            continue  # discriminator tag, not a user path
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "<root>"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Apply ``a.b.0.c=value`` overrides in place; return problems (paths that do not exist)."""
+    problems = []
+    for ov in overrides:
+        if "=" not in ov:
+            problems.append(f"--set {ov!r}: expected KEY=VALUE, e.g. stages.0.epochs=3")
+            continue
+        key, _, raw = ov.partition("=")
+        parts = key.strip().split(".")
+        node: Any = data
+        ok = True
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})  # e.g. kd.temperature on a stage without kd
+            else:
+                problems.append(f"--set {key}: {'.'.join(parts[:i + 1])} does not exist")
+                ok = False
+                break
+        if not ok:
+            continue
+        last = parts[-1]
+        if isinstance(node, list):
+            if last.isdigit() and int(last) < len(node):
+                node[int(last)] = _parse_value(raw)
+            else:
+                problems.append(f"--set {key}: index {last} out of range")
+        elif isinstance(node, dict):
+            node[last] = _parse_value(raw)
+        else:
+            problems.append(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
+    return problems
+
+
+def resolve_source(name_or_path: str) -> tuple[str, Path]:
+    """A shipped recipe name or a YAML path -> (label, path)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+        if not p.is_file():
+            raise RecipeError(f"recipe file {name_or_path!r} does not exist",
+                              hint="pass a shipped recipe name (see `edgec recipes list`) or a path to a YAML file")
+        return str(p), p
+    shipped = shipped_recipes()
+    if name_or_path not in shipped:
+        raise RecipeError(f"unknown recipe {name_or_path!r}; {did_you_mean(name_or_path, tuple(shipped))}",
+                          hint="`edgec recipes list` shows the shipped recipes")
+    return name_or_path, shipped[name_or_path]
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe; raises RecipeError listing every problem."""
+    label, path = resolve_source(name_or_path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {label}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise RecipeError(f"recipe {label} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    return validate_recipe(data, overrides or [], label=label)
+
+
+def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{label}: the top level must be a mapping with `stages:`, got {type(data).__name__}")
+    problems = apply_overrides(data, overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "union_tag_invalid":
+                msg = f"unknown method {err.get('input')!r}; expected one of train, distill, prune, qat, ptq"
+            problems.append(f"{_loc(err['loc'])}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in (
+                "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict) else ""))
+    else:
+        if not problems:
+            return recipe
+    raise RecipeError(f"{label} has {len(problems)} problem(s):", problems,
+                      hint="fix the listed keys; `edgec recipes show NAME` prints a valid example")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,203 @@
+"""Run report: ``report.json`` + ``report.md`` (table) + ``pareto.png`` (latency vs accuracy).
+
+Rows are plain dicts with keys ``name, format, bits, accuracy (0..1 or None),
+latency_p50_ms (or None), file_bytes, weight_bytes_deployed, sparsity (0..1), params_nonzero``;
+missing values are shown as "—" and left out of the plot. Every file is written atomically
+(temporary file in the same folder, then ``os.replace``). matplotlib is imported inside
+:func:`write_report` (lean imports).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render_markdown", "write_report"]
+
+DASH = "—"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _json_default(obj: Any):
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):  # numpy arrays
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"report rows must hold plain values; got {type(obj).__name__}: {obj!r}")
+
+
+def _plain(obj: Any):
+    """JSON-safe copy: non-finite floats become None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _num(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _fmt(value, fmt: str, scale: float = 1.0) -> str:
+    v = _num(value)
+    return DASH if v is None else format(v * scale, fmt)
+
+
+def _cell(text: Any) -> str:
+    return str(text if text is not None else DASH).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
+    """The Markdown report: title, one table row per model, column notes."""
+    base = _num(rows[0].get("latency_p50_ms")) if rows else None
+    head = ["name", "format", "bits", "accuracy %", "p50 ms (batch 1)", "speed-up vs first",
+            "file KB", "deployed weight KB", "sparsity %", "params nonzero"]
+    lines = [f"# {title}", "", f"Created {created}.", "",
+             "| " + " | ".join(head) + " |",
+             "|" + "|".join([":---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows:
+        lat = _num(r.get("latency_p50_ms"))
+        speedup = f"{base / lat:.2f}×" if base is not None and lat else DASH
+        nz = r.get("params_nonzero")
+        cells = [
+            _cell(r.get("name")), _cell(r.get("format")), _cell(r.get("bits")),
+            _fmt(r.get("accuracy"), ".2f", 100.0),
+            _fmt(lat, ".3f"),
+            speedup,
+            _fmt(r.get("file_bytes"), ".1f", 1 / 1024),
+            _fmt(r.get("weight_bytes_deployed"), ".2f", 1 / 1024),
+            _fmt(r.get("sparsity"), ".1f", 100.0),
+            DASH if nz is None else f"{int(nz):,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Speed-up = p50 latency of the first row / p50 latency of this row. "
+        "Deployed weight KB = non-zero weights and biases at their deployed bit width "
+        "(sparse index overhead not included); file KB = size of the artifact on disk. "
+        f"{DASH} = not measured.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by another on both latency (lower) and accuracy (higher), by latency."""
+    front = []
+    for lat, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((lat, acc))
+    return front
+
+
+def _plot(rows: list[dict], *, title: str, write) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [
+        (str(r.get("name", "?")), _num(r.get("latency_p50_ms")), 100.0 * _num(r.get("accuracy")),
+         _num(r.get("weight_bytes_deployed")), str(r.get("format") or ""))
+        for r in rows
+        if _num(r.get("latency_p50_ms")) is not None and _num(r.get("accuracy")) is not None
+    ]
+    max_w = max((w for *_, w, _f in pts if w), default=None)
+    max_area = 900.0
+
+    def area(w):  # marker area proportional to deployed bytes, with a floor to stay visible
+        return 40.0 if not w or not max_w else max(12.0, max_area * w / max_w)
+
+    if pts:
+        formats = sorted({p[4] for p in pts})
+        colors = {f: f"C{i % 10}" for i, f in enumerate(formats)}
+        for name, lat, acc, w, fmt in pts:
+            s = area(w)
+            ax.scatter([lat], [acc], s=s, color=colors[fmt], alpha=0.55,
+                       edgecolors="black", linewidths=0.8, zorder=3)
+            off = 0.72 * math.sqrt(s) / 2 + 3  # clear of the marker edge
+            ax.annotate(name, (lat, acc), xytext=(off, off), textcoords="offset points",
+                        fontsize=8, zorder=4)
+        front = _pareto_front([(lat, acc) for _, lat, acc, _, _ in pts])
+        handles = [ax.scatter([], [], s=60, color=colors[f], alpha=0.55, edgecolors="black",
+                              label=f or "?") for f in formats]
+        if len(front) > 1:
+            (line,) = ax.plot(*zip(*front), linestyle="--", color="grey", linewidth=1,
+                              zorder=2, label="Pareto front")
+            handles.append(line)
+        leg1 = ax.legend(handles=handles, title="format", loc="upper left",
+                         bbox_to_anchor=(1.02, 1.0), fontsize=8, title_fontsize=8)
+        ax.add_artist(leg1)
+        if max_w:
+            refs = sorted({max_w, max_w / 4})
+            size_handles = [ax.scatter([], [], s=area(w), color="grey", alpha=0.4,
+                                       edgecolors="black", label=f"{w / 1024:,.1f} KB")
+                            for w in refs]
+            ax.legend(handles=size_handles, title="marker area =\ndeployed weight bytes",
+                      loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8,
+                      title_fontsize=8, labelspacing=2.2, borderpad=1.2, handletextpad=1.5)
+        ax.margins(x=0.15, y=0.15)
+    else:
+        ax.text(0.5, 0.5, "no rows with both accuracy and latency", ha="center", va="center",
+                transform=ax.transAxes)
+    skipped = len(rows) - len(pts)
+    ax.set_xlabel("latency p50, batch 1 (ms)  —  lower is better")
+    ax.set_ylabel("accuracy (%)  —  higher is better")
+    ax.set_title(title + (f"\n({skipped} row(s) without accuracy or latency not shown)"
+                          if skipped else ""), fontsize=10)
+    ax.grid(True, linestyle=":", alpha=0.7, zorder=0)
+    fig.savefig(write, format="png", bbox_inches="tight")
+
+
+def write_report(run_dir: Path, rows: list[dict], *, title: str) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``pareto.png`` into ``run_dir`` (atomically).
+
+    Returns ``{"json": path, "md": path, "png": path}``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in rows]
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md",
+             "png": run_dir / "pareto.png"}
+
+    doc = json.loads(json.dumps({"title": title, "created": created, "rows": rows},
+                                default=_json_default))  # numpy scalars -> plain values
+    text = json.dumps(_plain(doc), indent=2, ensure_ascii=False, allow_nan=False)
+    _atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
+    md = render_markdown(rows, title=title, created=created)
+    _atomic_write(paths["md"], lambda f: f.write(md.encode()))
+    _atomic_write(paths["png"], lambda f: _plot(rows, title=title, write=f))
+    return paths

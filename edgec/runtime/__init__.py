@@ -1,0 +1,331 @@
+"""Device-side runner: load an ONNX model, predict, measure latency.
+
+This package depends on **numpy, onnxruntime and the standard library only** (never torch, never
+other ``edgec`` modules), so the ``runtime/`` folder can be copied alone onto a device and run
+there::
+
+    python -m edgec.runtime model.onnx --input x.npy --topk 3
+    python -m edgec.runtime model.onnx --bench --batch 1 --runs 100 --json-out bench.json
+
+(copied alone as ``runtime/``: ``python -m runtime ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = [
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ProviderUnavailableError",
+    "RunnerError",
+    "load_session",
+    "main",
+    "measure_latency",
+    "peak_rss_mb",
+    "predict",
+    "softmax",
+]
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+# ONNX Runtime type strings of float inputs -> numpy dtypes (anything else: float32)
+_ORT_FLOAT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+class RunnerError(ValueError):
+    """A problem with the runner's input; the message says how to fix it."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model file does not exist."""
+
+
+class ModelLoadError(RunnerError):
+    """onnxruntime refused to load the model file."""
+
+
+class ProviderUnavailableError(RunnerError):
+    """A requested execution provider is not available in this onnxruntime build."""
+
+
+# --------------------------------------------------------------------------------------------- API
+def load_session(
+    path: str | os.PathLike,
+    *,
+    threads: int = 1,
+    providers: Sequence[str] | None = None,
+) -> ort.InferenceSession:
+    """Open ``path`` in onnxruntime with a fixed, reproducible thread setup.
+
+    ``threads`` is the intra-op thread count (0 = onnxruntime's default, all cores); inter-op
+    parallelism is 1 and all graph optimisations are on. ``providers`` defaults to
+    ``["CPUExecutionProvider"]``; a provider that this onnxruntime build does not have is an error
+    (onnxruntime itself would silently fall back to CPU).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise ModelNotFoundError(
+            f"model file {path!r} {what}; pass the path of an exported .onnx file "
+            f"(e.g. RUN_DIR/export/model.onnx from `edgec export RUN_DIR`)"
+        )
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise RunnerError(f"threads must be an integer >= 0 (0 = all cores), got {threads!r}")
+    providers = list(DEFAULT_PROVIDERS if providers is None else providers)
+    if not providers:
+        raise RunnerError("providers is empty; pass e.g. ['CPUExecutionProvider']")
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ProviderUnavailableError(
+            f"execution provider(s) {', '.join(missing)} not available in onnxruntime "
+            f"{ort.__version__}; available here: {', '.join(available)}. Use one of those, or "
+            f"install a build that has it (onnxruntime-gpu for CUDA/TensorRT)."
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(path, sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind exception types
+        raise ModelLoadError(
+            f"onnxruntime {ort.__version__} could not load {path!r}: {e}. Check that the file is "
+            f"a complete ONNX model (onnx.checker.check_model) with IR version <= 13 and an "
+            f"opset this onnxruntime supports."
+        ) from e
+
+
+def predict(session: ort.InferenceSession, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Logits (the model's first output) for ``x``, run in chunks of ``batch_size`` samples.
+
+    ``x`` is cast to the model's float input type (float32 for ordinary models). A model exported
+    with a fixed batch dimension is fed chunks of exactly that size (the last one zero-padded).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RunnerError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    inp = session.get_inputs()[0]
+    x = _as_model_input(x, inp)
+    n = x.shape[0]
+    if n == 0:
+        raise RunnerError("x is empty (0 samples); pass at least one sample")
+    fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+    step = fixed or batch_size
+    outs = []
+    for start in range(0, n, step):
+        chunk = x[start : start + step]
+        m = chunk.shape[0]
+        if fixed and m < fixed:  # pad the last chunk of a fixed-batch model
+            pad = np.zeros((fixed - m, *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        out = session.run(None, {inp.name: np.ascontiguousarray(chunk)})[0]
+        outs.append(out[:m])
+    return np.concatenate(outs, axis=0)
+
+
+def measure_latency(
+    session: ort.InferenceSession,
+    *,
+    batch: int = 1,
+    warmup: int = 10,
+    runs: int = 100,
+    sample: np.ndarray | None = None,
+) -> dict:
+    """Time ``session.run`` on one fixed input of ``batch`` samples.
+
+    The input is ``sample`` tiled/cut to ``batch`` samples (a single sample without the batch
+    axis is accepted), or random normal data of the model's input shape with the batch dimension
+    set to ``batch``. Returns milliseconds ``p50, p90, p99, mean, min`` and ``throughput_per_s``
+    (samples per second at the mean latency).
+    """
+    for name, value, low in (("batch", batch, 1), ("warmup", warmup, 0), ("runs", runs, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RunnerError(f"{name} must be an integer >= {low}, got {value!r}")
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+    if fixed is not None and fixed != batch:
+        raise RunnerError(
+            f"the model has a fixed batch size of {fixed}; measure with batch={fixed} "
+            f"or re-export with a dynamic batch axis"
+        )
+    if sample is not None:
+        x = _as_model_input(sample, inp)
+        x = x[np.arange(batch) % x.shape[0]]
+    else:
+        x = _random_input(inp, batch)
+    feed = {inp.name: np.ascontiguousarray(x)}
+    run = session.run
+    for _ in range(warmup):
+        run(None, feed)
+    times = np.empty(runs, dtype=np.float64)
+    clock = time.perf_counter
+    for i in range(runs):
+        t0 = clock()
+        run(None, feed)
+        times[i] = clock() - t0
+    times *= 1000.0
+    p50, p90, p99 = (float(v) for v in np.percentile(times, [50, 90, 99]))
+    mean = float(times.mean())
+    return {
+        "p50": p50,
+        "p90": p90,
+        "p99": p99,
+        "mean": mean,
+        "min": float(times.min()),
+        "throughput_per_s": batch * 1000.0 / mean if mean > 0 else float("inf"),
+    }
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax."""
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (None where unsupported, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _input_dtype(inp) -> type:
+    return _ORT_FLOAT_TYPES.get(inp.type, np.float32)
+
+
+def _as_model_input(x: np.ndarray, inp) -> np.ndarray:
+    x = np.asarray(x)
+    rank = len(inp.shape) if inp.shape is not None else None
+    if rank is not None and x.ndim == rank - 1:  # one sample without its batch axis
+        x = x[None]
+    if rank is not None and x.ndim != rank:
+        raise RunnerError(
+            f"input has shape {tuple(x.shape)} but the model input {inp.name!r} expects rank "
+            f"{rank} {_shape_str(inp.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(inp.shape or [], x.shape)):
+        if axis > 0 and isinstance(want, int) and want > 0 and want != got:
+            raise RunnerError(
+                f"input has shape {tuple(x.shape)} but the model input {inp.name!r} expects "
+                f"{_shape_str(inp.shape)} (axis {axis}: {got} != {want})"
+            )
+    return x.astype(_input_dtype(inp), copy=False)
+
+
+def _random_input(inp, batch: int) -> np.ndarray:
+    shape = list(inp.shape or [])
+    if not shape:
+        raise RunnerError(f"model input {inp.name!r} has no known shape; pass a sample input")
+    shape[0] = batch
+    unknown = [i for i, d in enumerate(shape[1:], 1) if not (isinstance(d, int) and d > 0)]
+    if unknown:
+        raise RunnerError(
+            f"model input {inp.name!r} has dynamic dimensions {_shape_str(inp.shape)} besides "
+            f"the batch axis; pass a sample input (--input x.npy) to fix its shape"
+        )
+    rng = np.random.default_rng(0)
+    return rng.standard_normal(shape).astype(_input_dtype(inp))
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in (shape or [])) + "]"
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m edgec.runtime",
+        description="Run or benchmark an ONNX model with onnxruntime (numpy + onnxruntime only).",
+    )
+    p.add_argument("model", help="path of the .onnx model")
+    p.add_argument("--input", help=".npy file of inputs, shape (N, ...) or a single sample")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (0 = all cores)")
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated execution providers (default: CPUExecutionProvider)",
+    )
+    p.add_argument("--topk", type=int, default=1, help="classes to print per sample")
+    p.add_argument("--batch-size", type=int, default=256, help="chunk size for prediction")
+    p.add_argument("--bench", action="store_true", help="measure latency instead of predicting")
+    p.add_argument("--batch", type=int, default=1, help="bench: samples per run")
+    p.add_argument("--warmup", type=int, default=10, help="bench: untimed runs first")
+    p.add_argument("--runs", type=int, default=100, help="bench: timed runs")
+    p.add_argument("--json-out", help="bench: write the results to this JSON file (else stdout)")
+    return p
+
+
+def _load_input(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"input file {path!r} does not exist; pass a .npy file (np.save)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise RunnerError(f"could not read {path!r} as a .npy array: {e}") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    try:
+        session = load_session(args.model, threads=args.threads, providers=providers)
+        x = _load_input(args.input) if args.input else None
+        if args.bench:
+            result = measure_latency(
+                session, batch=args.batch, warmup=args.warmup, runs=args.runs, sample=x
+            )
+            result.update(
+                peak_rss_mb=peak_rss_mb(),
+                provider=session.get_providers()[0],
+                threads=args.threads,
+                batch=args.batch,
+                warmup=args.warmup,
+                runs=args.runs,
+                onnxruntime=ort.__version__,
+                torch_imported="torch" in sys.modules,
+            )
+            text = json.dumps(result, indent=2)
+            if args.json_out:
+                tmp = args.json_out + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write(text + "\n")
+                os.replace(tmp, args.json_out)
+            else:
+                print(text)
+            return 0
+        if x is None:
+            raise RunnerError("pass --input x.npy to predict, or --bench to measure latency")
+        if args.topk < 1:
+            raise RunnerError(f"--topk must be >= 1, got {args.topk}")
+        probs = softmax(predict(session, x, batch_size=args.batch_size).astype(np.float64))
+        probs = probs.reshape(probs.shape[0], -1)
+        k = min(args.topk, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        cols = "\t".join(f"class{j + 1}\tprob{j + 1}" for j in range(k))
+        lines = [f"# sample\t{cols}"]
+        for i, row in enumerate(order):
+            lines.append(f"{i}\t" + "\t".join(f"{c}\t{probs[i, c]:.6f}" for c in row))
+        print("\n".join(lines))
+        return 0
+    except (RunnerError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -399,9 +399,12 @@ def _describe_cifar_miss(root: Path) -> str:
         parts.append("it has test/ but no train/ folder")
     else:
         parts.append("no data_batch_*/test_batch files and no train/ + test/ folders")
-    shown = (subdirs[:8] and ["folders: " + ", ".join(subdirs[:8]) + (" ..." if len(subdirs) > 8 else "")]) or []
-    shown += (files[:8] and ["files: " + ", ".join(files[:8]) + (" ..." if len(files) > 8 else "")]) or []
-    return "; ".join(parts + (shown or ["the folder is empty"]))
+    for label, names in (("folders", subdirs), ("files", files)):
+        if names:
+            parts.append(f"{label}: " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""))
+    if not subdirs and not files:
+        parts.append("the folder is empty")
+    return "; ".join(parts)
 
 
 class _CifarUnpickler(pickle.Unpickler):

@@ -16,6 +16,14 @@ Determinism and exact resume
     Hooks must therefore keep their state in the model / ``extra_state`` buffers or derive it from
     the step they are given.
 
+NaN/inf guard
+    The loss is checked before ``backward``: a non-finite loss raises TrainingError without an
+    optimizer step and without a checkpoint, so the file on disk stays the last good state. (The
+    failing forward pass itself may already have touched buffers such as BatchNorm running stats
+    in memory; the checkpoint is the state to go back to.) With ``grad_clip`` and no AMP a
+    non-finite gradient norm is refused the same way, and weights are checked to be finite before
+    every checkpoint write.
+
 Distributed (``dist.world_size > 1``)
     The model is wrapped in ``DistributedDataParallel`` (buffers broadcast from rank 0; after each
     epoch buffers are broadcast once more so every rank evaluates and saves the same model).
@@ -208,7 +216,11 @@ def _eval_sums(model: nn.Module, dataset: Dataset, indices: list[int], batch_siz
                 loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
                 target = y
             sums += torch.stack(
-                [loss.double(), (logits.argmax(-1) == target).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=device)]
+                [
+                    loss.double(),
+                    (logits.argmax(-1) == target).sum().double(),
+                    torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                ]
             )
     finally:
         model.train(was_training)
@@ -273,7 +285,9 @@ def _make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     total = cfg.epochs * steps_per_epoch
     warm = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
     if cfg.schedule == "onecycle":
@@ -347,8 +361,10 @@ def read_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise InputError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # truncated, not a checkpoint, unsafe pickle
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "error:" in ln.lower()), lines[0] if lines else "")
         raise InputError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {why})",
             hint="delete it and start the stage again without resume, or point to another run directory",
         ) from None
 
@@ -403,7 +419,14 @@ class _Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._p = Progress(
             TextColumn("[bold]{task.description}"),
@@ -500,7 +523,10 @@ def fit(
     device = torch.device(dist.device)
     ddp = dist.world_size > 1
     if ddp and not D.is_initialized():
-        raise InputError("dist.world_size > 1 but no process group is initialised", hint="call edgec.distributed.init_distributed() first (under torchrun)")
+        raise InputError(
+            "dist.world_size > 1 but no process group is initialised",
+            hint="call edgec.distributed.init_distributed() first (under torchrun)",
+        )
     main = dist.rank == 0
     extra_state = dict(extra_state or {})
     use_amp = bool(cfg.amp) and device.type == "cuda"
@@ -525,7 +551,6 @@ def fit(
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = cfg.epochs * steps_per_epoch
 
     # ---- optimizer, schedule, scaler ----
     groups = _param_groups(model, params)
@@ -570,7 +595,10 @@ def fit(
 
     if ckpt is not None:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"checkpoint {ckpt_path} has format {ckpt.get('format')!r}, this engine reads {CHECKPOINT_FORMAT}")
+            raise InputError(
+                f"checkpoint {ckpt_path} has format {ckpt.get('format')!r}, this engine reads {CHECKPOINT_FORMAT}",
+                hint="start this stage fresh (resume off / a new run directory)",
+            )
         if ckpt["fingerprint"] != fingerprint:
             raise InputError(
                 f"cannot resume from {ckpt_path}: it was written with a different training config "
@@ -633,7 +661,9 @@ def fit(
             find_unused_parameters=cfg.find_unused_parameters,
         )
 
-    def save(*, epochs_done: int, step_in_epoch: int, finished: bool, final: dict | None, aug_gen: torch.Generator | None) -> None:
+    def save(
+        *, epochs_done: int, step_in_epoch: int, finished: bool, final: dict | None, aug_gen: torch.Generator | None
+    ) -> None:
         nonlocal last_good
         if ckpt_path is None:
             return
@@ -670,11 +700,14 @@ def fit(
             "fingerprint": fingerprint,
             "world_size": dist.world_size,
             "train_size": n_train,
-            "metrics_offset": metrics_path.stat().st_size if metrics_path is not None and metrics_path.exists() else None,
-            "torch_version": torch.__version__,
+            "metrics_offset": metrics_offset(),
+            "torch_version": str(torch.__version__),
         }
         _atomic_save(state, ckpt_path)
         last_good = where(epochs_done, step_in_epoch, global_step)
+
+    def metrics_offset() -> int | None:
+        return metrics_path.stat().st_size if metrics_path is not None and metrics_path.exists() else None
 
     def log(record: dict) -> None:
         if main:
@@ -805,7 +838,9 @@ def fit(
             for b in model.buffers():
                 tdist.broadcast(b, src=0)
         totals = torch.tensor(
-            [running["loss_sum"], running["correct"], running["count"], running["acc_count"]], dtype=torch.float64, device=device
+            [running["loss_sum"], running["correct"], running["count"], running["acc_count"]],
+            dtype=torch.float64,
+            device=device,
         )
         if ddp:
             D.all_reduce_sum(totals)
@@ -843,6 +878,7 @@ def fit(
             hooks.on_epoch_end(epoch, dict(metrics))
         final = {**metrics, "best_eval_acc": best["eval_acc"], "best_epoch": best["epoch"]}
         running = {}
-        save(epochs_done=epoch + 1, step_in_epoch=0, finished=last_epoch, final=final if last_epoch else None, aug_gen=None)
+        save(epochs_done=epoch + 1, step_in_epoch=0, finished=last_epoch, final=final if last_epoch else None,
+             aug_gen=None)
 
     return final

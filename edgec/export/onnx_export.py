@@ -52,6 +52,7 @@ def _export_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _WeightQ]]:
         if isinstance(mod, QUANT_MODULES):
             with torch.no_grad():
                 w = mod.quantized_weight().detach().clone()
+                b = mod.quantized_bias()
                 scale = mod.wq.scale().detach().cpu().numpy().astype(np.float32).reshape(-1)
             if isinstance(mod, QConv2d):
                 plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
@@ -60,8 +61,8 @@ def _export_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _WeightQ]]:
             else:
                 plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             plain.weight = nn.Parameter(w)
-            if mod.bias is not None:
-                plain.bias = nn.Parameter(mod.bias.detach().clone())
+            if b is not None:
+                plain.bias = nn.Parameter(b.detach().clone())
             parent_name, _, attr = name.rpartition(".")
             setattr(m.get_submodule(parent_name) if parent_name else m, attr, plain)
             wq[f"{name}.weight"] = _WeightQ(scale, mod.wq.qmin, mod.wq.qmax)
@@ -125,10 +126,10 @@ def _integerize(model_proto, wq: dict[str, _WeightQ]) -> dict[str, dict]:
             dq_in = producer.get(node.input[0])
             if dq_in is None or dq_in.op_type != "DequantizeLinear" or dq_in.input[1] not in consts:
                 continue
-            x_scale = float(np.asarray(consts[dq_in.input[1]]).reshape(()))
+            x_scale = np.float32(np.asarray(consts[dq_in.input[1]]).reshape(()))
             bname = node.input[2]
-            b = numpy_helper.to_array(inits[bname]).astype(np.float64)
-            bscale = (x_scale * q.scale.astype(np.float64)).astype(np.float32)
+            b = numpy_helper.to_array(inits[bname]).astype(np.float32)
+            bscale = (x_scale * q.scale.astype(np.float32)).astype(np.float32)  # float32, as simulated
             bint = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
             g.initializer.remove(inits[bname])
             g.initializer.extend([

@@ -8,6 +8,26 @@ from torch import Tensor, nn
 from edgec.quant.quantizers import Quantizer
 
 
+def _quantized_bias(mod: nn.Module) -> Tensor | None:
+    """Bias on the int32 grid of the integer kernel: step = input scale x weight scale (per channel).
+
+    ONNX Runtime's QLinearConv/QGemm add an int32 bias to the int32 accumulator, so the bias is
+    rounded to that grid; simulating it keeps PyTorch and the exported model in step.
+    """
+    in_q = getattr(mod, "_input_quant", None)
+    if mod.bias is None or in_q is None or in_q.q.calibrating or not in_q.q.enabled:
+        return mod.bias
+    from edgec.quant.quantizers import fake_quant
+
+    bscale = (in_q.q.scale().reshape(()) * mod.wq.scale()).detach()
+    return fake_quant(mod.bias, bscale, -(2**31), 2**31 - 1)
+
+
+def set_input_quantizer(mod: nn.Module, act: "ActQuant") -> None:
+    """Link a quantized layer to the activation quantizer feeding it (not a submodule)."""
+    object.__setattr__(mod, "_input_quant", act)
+
+
 def _masked_weight(mod: nn.Module) -> Tensor:
     mask = getattr(mod, "weight_mask", None)
     return mod.weight if mask is None else mod.weight * mask
@@ -33,8 +53,11 @@ class QConv2d(nn.Conv2d):
     def quantized_weight(self) -> Tensor:
         return self.wq(_masked_weight(self))
 
+    def quantized_bias(self) -> Tensor | None:
+        return _quantized_bias(self)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), _quantized_bias(self))
 
 
 class QLinear(nn.Linear):
@@ -55,8 +78,11 @@ class QLinear(nn.Linear):
     def quantized_weight(self) -> Tensor:
         return self.wq(_masked_weight(self))
 
+    def quantized_bias(self) -> Tensor | None:
+        return _quantized_bias(self)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), _quantized_bias(self))
 
 
 class ActQuant(nn.Module):

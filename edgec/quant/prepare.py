@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from edgec.errors import InputError
-from edgec.quant.modules import QUANT_MODULES, ActQuant, QConv2d, QLinear
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QConv2d, QLinear, set_input_quantizer
 from edgec.quant.quantizers import make_quantizer
 from edgec.targets import TargetProfile
 
@@ -227,7 +227,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
         while isinstance(walk, fx.Node) and not isinstance(_module(gm, walk), ActQuant) and _is_pass(gm, walk):
             walk = walk.args[0]
         if not (isinstance(walk, fx.Node) and isinstance(_module(gm, walk), ActQuant)):
-            insert_after(src, source_signed(src), spec.act_bits, before_user=node)
+            walk = insert_after(src, source_signed(src), spec.act_bits, before_user=node)
+        set_input_quantizer(_module(gm, node), _module(gm, walk))
 
     gm.graph.lint()
     gm.recompile()

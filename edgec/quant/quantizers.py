@@ -29,7 +29,13 @@ def grad_scale(x: Tensor, g: float) -> Tensor:
 
 
 def fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
-    """clip(round(x/s), qmin, qmax)*s with STE inside the range and zero gradient outside."""
+    """clip(round(x/s), qmin, qmax)*s with STE inside the range and zero gradient outside.
+
+    Without autograd the exact expression is used: the STE form (r - x) + x is not bitwise r in
+    floating point, and the exported model computes the exact one.
+    """
+    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
+        return torch.round(torch.clamp(x / scale, qmin, qmax)) * scale
     return round_ste(torch.clamp(x / scale, qmin, qmax)) * scale
 
 
@@ -117,9 +123,9 @@ class LSQQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if not bool(self.initialized):
             self.observe(x)
-        n = x.numel() / self.channels
-        g = 1.0 / math.sqrt(n * self.qmax)
-        s = grad_scale(self.step.abs().clamp_min(1e-8), g)
+        s = self.step.abs().clamp_min(1e-8)
+        if torch.is_grad_enabled() and s.requires_grad:
+            s = grad_scale(s, 1.0 / math.sqrt(x.numel() / self.channels * self.qmax))
         return fake_quant(x, self._view(s, x), self.qmin, self.qmax)
 
 

@@ -1,7 +1,7 @@
 """Train the toy problem with DDP through ``edgec.engine.fit`` under torchrun.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/scripts/ddp_train.py OUT
-        [--resume] [--stop-at-step K] [--epochs N]
+        [--resume] [--stop-at-step K] [--ckpt-every N] [--epochs N]
 
 (or ``torchrun ... -m tests.scripts.ddp_train OUT`` from the repository root). Every rank starts
 from *different* random weights (seeded by rank) so the test sees DDP's initial broadcast at work.
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-at-step", type=int)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps")
     a = ap.parse_args(argv)
 
     dist = init_distributed("cpu")
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.stop_at_step is not None and step == a.stop_at_step:
                 raise Stop(f"stopped at step {step} on purpose")
 
-        cfg = TrainConfig(epochs=a.epochs, batch_size=16, lr=0.05, seed=11, log_every=2, warmup_epochs=0.5)
+        cfg = TrainConfig(epochs=a.epochs, batch_size=16, lr=0.05, seed=11, log_every=2, warmup_epochs=0.5,
+                          checkpoint_every_steps=a.ckpt_every)
         metrics = fit(
             model, loss_fn=ce_loss, train_set=make_data(256, seed=0), eval_set=make_data(100, seed=1),
             cfg=cfg, ckpt_path=a.out / "ckpt.pt", resume=a.resume, hooks=Hooks(on_step_start=on_step_start),

@@ -371,37 +371,28 @@ def bench(
 
 # ------------------------------------------------------------------------------------------ table
 def print_bench_table(results: list[dict], console) -> None:
-    """Print bench results (dicts from :func:`bench`) as one rich table."""
+    """Print bench results (dicts from :func:`bench`) as one compact rich table."""
     from rich.table import Table
 
     def num(v, fmt):
         return "—" if v is None else format(v, fmt)
 
-    table = Table(title="edgec bench", show_lines=False)
-    for col, justify in (("model", "left"), ("provider", "left"), ("thr", "right"),
-                         ("batch", "right"), ("p50 ms", "right"), ("p90 ms", "right"),
-                         ("p99 ms", "right"), ("samples/s", "right"), ("peak RSS MB", "right"),
-                         ("accuracy", "right"), ("file KB", "right"), ("deployed KB", "right"),
-                         ("nonzero params", "right")):
-        table.add_column(col, justify=justify)
+    first = results[0] if results else {}
+    table = Table(title=f"edgec bench ({first.get('runtime', 'onnxruntime')}, "
+                        f"{str(first.get('provider', '?')).replace('ExecutionProvider', '')}, "
+                        f"{first.get('threads', '?')} thread(s), batch {first.get('batch', '?')})")
+    table.add_column("model", overflow="fold", min_width=12)
+    for col in ("p50 ms", "p99 ms", "items/s", "RSS MB", "acc %", "file KB", "wt KB"):
+        table.add_column(col, justify="right")
     for r in results:
         lat = r.get("latency_ms") or {}
         acc = r.get("accuracy")
-        wb = r.get("weight_bytes_deployed")
-        fb = r.get("file_bytes")
+        wb, fb = r.get("weight_bytes_deployed"), r.get("file_bytes")
         table.add_row(
             Path(str(r.get("model", "?"))).name,
-            str(r.get("provider", "?")).replace("ExecutionProvider", ""),
-            str(r.get("threads", "")),
-            str(r.get("batch", "")),
-            num(lat.get("p50"), ".3f"),
-            num(lat.get("p90"), ".3f"),
-            num(lat.get("p99"), ".3f"),
-            num(r.get("throughput_per_s"), ",.0f"),
-            num(r.get("peak_rss_mb"), ".1f"),
-            "—" if acc is None else f"{100 * acc:.2f}% (n={r.get('samples', 0)})",
-            num(None if fb is None else fb / 1024, ".1f"),
-            num(None if wb is None else wb / 1024, ".2f"),
-            num(r.get("params_nonzero"), ","),
+            num(lat.get("p50"), ".3f"), num(lat.get("p99"), ".3f"),
+            num(r.get("throughput_per_s"), ",.0f"), num(r.get("peak_rss_mb"), ".0f"),
+            "—" if acc is None else f"{100 * acc:.2f}",
+            num(None if fb is None else fb / 1024, ".1f"), num(None if wb is None else wb / 1024, ".1f"),
         )
     console.print(table)

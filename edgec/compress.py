@@ -91,6 +91,7 @@ def compress(req: CompressRequest, *, console=None) -> Path:
         get_handler(st.method)
     data = load_data(req.data, seed=recipe.seed)
     num_classes, in_channels = data.num_classes, data.input_shape[0]
+    torch.manual_seed(recipe.seed)  # a model without --weights is initialised reproducibly
     model = build_model(req.model, num_classes=num_classes, in_channels=in_channels, weights=req.weights,
                         trust_pickle=req.trust_pickle)
     teachers = resolve_teachers(recipe, model, num_classes=num_classes, in_channels=in_channels,
@@ -113,6 +114,10 @@ def compress(req: CompressRequest, *, console=None) -> Path:
     state = {"completed": 0}
     if continuing and (run_dir / "state.json").is_file():
         state = json.loads((run_dir / "state.json").read_text())
+    if continuing:  # the input model as the first attempt saw it (also the KD teacher "input")
+        model.load_state_dict(torch.load(run_dir / "model_input.pt", map_location="cpu", weights_only=True)["model"])
+        teachers = resolve_teachers(recipe, model, num_classes=num_classes, in_channels=in_channels,
+                                    trust_pickle=req.trust_pickle)
     if is_main() and not continuing:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "run.json", json.dumps({

@@ -32,7 +32,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 200) -> f
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def ece(probs: Tensor, labels: Tensor, bins: int = 15) -> float:

@@ -265,7 +265,8 @@ def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "union_tag_invalid":
-                msg = f"unknown method {err.get('input')!r}; expected one of train, distill, prune, qat, ptq"
+                got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else err.get("input")
+                msg = f"unknown method {got!r}; " + did_you_mean(str(got), ("train", "distill", "prune", "qat", "ptq"))
             problems.append(f"{_loc(err['loc'])}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in (
                 "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict) else ""))
     else:

@@ -81,7 +81,9 @@ def _cell(text: Any) -> str:
 def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     """The Markdown report: title, one table row per model, column notes."""
     base = _num(rows[0].get("latency_p50_ms")) if rows else None
-    head = ["name", "format", "bits", "accuracy %", "p50 ms (batch 1)", "speed-up vs first",
+    batches = sorted({r.get("batch") for r in rows if r.get("batch")})
+    bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "see batch column"
+    head = ["name", "format", "bits", "accuracy %", f"p50 ms ({bdesc})", "speed-up vs first",
             "file KB", "deployed weight KB", "sparsity %", "params nonzero"]
     lines = [f"# {title}", "", f"Created {created}.", "",
              "| " + " | ".join(head) + " |",
@@ -173,7 +175,12 @@ def _plot(rows: list[dict], *, title: str, write) -> None:
         ax.text(0.5, 0.5, "no rows with both accuracy and latency", ha="center", va="center",
                 transform=ax.transAxes)
     skipped = len(rows) - len(pts)
-    ax.set_xlabel("latency p50, batch 1 (ms)  —  lower is better")
+    batches = sorted({r.get("batch") for r in rows if r.get("batch")})
+    bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "mixed batches"
+    ax.set_xlabel(f"latency p50, {bdesc} (ms)  —  lower is better")
+    lo, hi = ax.get_ylim()
+    if hi > 100:
+        ax.set_ylim(lo, 101.0)
     ax.set_ylabel("accuracy (%)  —  higher is better")
     ax.set_title(title + (f"\n({skipped} row(s) without accuracy or latency not shown)"
                           if skipped else ""), fontsize=10)

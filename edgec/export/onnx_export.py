@@ -83,11 +83,47 @@ def _constants(graph) -> dict[str, np.ndarray]:
     return vals
 
 
+def _unshare_initializers(g, wq: dict[str, _WeightQ]) -> None:
+    """Give every Conv/Gemm its own weight and bias initializers.
+
+    The exporter de-duplicates equal initializers (e.g. two all-zero folded biases), but each
+    layer's integer bias has its own scale (input scale x weight scale), so they must not be shared.
+    """
+    import copy as _copy
+
+    inits = {i.name: i for i in g.initializer}
+    for node in list(g.node):  # the exporter writes a shared initializer as Identity(original)
+        if node.op_type == "Identity" and node.input[0] in inits:
+            clone = _copy.deepcopy(inits[node.input[0]])
+            clone.name = node.output[0]
+            g.initializer.append(clone)
+            inits[clone.name] = clone
+            g.node.remove(node)
+    seen: set[str] = set()
+    for k, node in enumerate(g.node):
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        for pos in (1, 2):
+            if pos >= len(node.input) or node.input[pos] not in inits:
+                continue
+            name = node.input[pos]
+            if name in seen:
+                clone = _copy.deepcopy(inits[name])
+                clone.name = f"{name}__{k}"
+                g.initializer.append(clone)
+                inits[clone.name] = clone
+                if name in wq:
+                    wq[clone.name] = wq[name]
+                node.input[pos] = clone.name
+            seen.add(node.input[pos])
+
+
 def _integerize(model_proto, wq: dict[str, _WeightQ]) -> dict[str, dict]:
     """Replace float weight initializers by int8 + DequantizeLinear (and biases by int32 + DQ)."""
     from onnx import helper, numpy_helper
 
     g = model_proto.graph
+    _unshare_initializers(g, wq)
     inits = {i.name: i for i in g.initializer}
     consts = _constants(g)
     producer = {o: n for n in g.node for o in n.output}

@@ -1,0 +1,28 @@
+"""Run the real ``edgec`` entry point in-process and capture exit code and output."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(capsys, *args: str) -> Result:
+    from edgec.cli import main
+
+    old = sys.argv
+    sys.argv = ["edgec", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return Result(code, cap.out, cap.err)

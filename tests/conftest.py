@@ -1,0 +1,59 @@
+"""Test tiers: unit + integration by default; `slow` (real-data benchmarks) with --run-slow;
+`gpu` / `trt` / `remote` skipped with the reason when the hardware or library is absent."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {}
+    if not config.getoption("--run-slow"):
+        reasons["slow"] = "slow tier: pass --run-slow"
+    if not _cuda():
+        reasons["gpu"] = "no CUDA GPU on this machine"
+    if importlib.util.find_spec("tensorrt") is None:
+        reasons["trt"] = "TensorRT is not installed (it comes only from NVIDIA's index)"
+    if not os.environ.get("EDGEC_REMOTE"):
+        reasons["remote"] = "set EDGEC_REMOTE=user@host to run remote-device tests"
+    for item in items:
+        for marker, why in reasons.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one intra-op thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def edgec_data() -> Path:
+    root = os.environ.get("EDGEC_DATA")
+    if not root or not Path(root).is_dir():
+        pytest.skip("real datasets not available: set EDGEC_DATA (CI sets ../shared/data)")
+    return Path(root)

@@ -1,0 +1,87 @@
+"""ONNX export: Q/DQ structure, integer weights, parity with PyTorch, ORT integer-kernel fusion."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgec.data import load_data, to_numpy
+from edgec.errors import ExportError
+from edgec.export.check import check_export
+from edgec.export.onnx_export import export_onnx
+from edgec.models import create_model
+from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
+from edgec.targets import get_target
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_data("digits")
+    x, y = to_numpy(data.eval)
+    cx, _ = to_numpy(data.train, limit=256)
+    return x, y, cx
+
+
+def _quantized(spec: QuantSpec, target: str, cx):
+    torch.manual_seed(0)
+    gm, _ = quantize_model(create_model("digits_cnn").eval(), spec, get_target(target))
+    calibrate(gm, [(torch.from_numpy(cx), None)])
+    return gm
+
+
+@pytest.mark.parametrize("target", ["x86", "arm64"])
+def test_int8_export_parity_and_fusion(tmp_path, digits, target):
+    x, _, cx = digits
+    gm = _quantized(QuantSpec(act_quantizer="ema", weight_quantizer="minmax"), target, cx)
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "m.onnx")
+    model = onnx.load(str(res.path))
+    ints = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("weight_quantized")}
+    assert len(ints) == 4  # 3 conv + 1 gemm weights stored as int8
+    qmax = 63 if target == "x86" else 127
+    assert max(int(np.abs(v).max()) for v in ints.values()) <= qmax
+    rep = check_export(gm, res.path, x)
+    assert rep.top1_agreement >= 0.99
+    assert rep.fused_compute == rep.compute_nodes == 4
+    assert rep.float_compute_left == 0
+
+
+def test_low_bit_export_runs_in_int8_container(tmp_path, digits):
+    x, _, cx = digits
+    gm = _quantized(QuantSpec(weight_bits=4, act_bits=4, act_quantizer="ema", weight_quantizer="minmax"), "x86", cx)
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "m4.onnx")
+    model = onnx.load(str(res.path))
+    assert any(n.op_type == "Clip" for n in model.graph.node)  # 4-bit activations clipped in the u8 container
+    ints = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("weight_quantized")]
+    assert max(int(np.abs(v).max()) for v in ints) <= 7
+    assert all(w["bits"] == 4 for w in res.weight_tensors.values())
+    rep = check_export(gm, res.path, x)
+    assert rep.top1_agreement >= 0.97
+
+
+def test_tensorrt_profile_uses_int8_activations(tmp_path, digits):
+    x, _, cx = digits
+    gm = _quantized(QuantSpec(act_quantizer="ema", weight_quantizer="minmax"), "tensorrt", cx)
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "t.onnx")
+    model = onnx.load(str(res.path))
+    zps = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant"})
+    dtypes = {consts[q.input[2]].dtype for q in zps if len(q.input) > 2 and q.input[2] in consts}
+    assert dtypes == {np.dtype("int8")}
+    assert all(int(consts[q.input[2]]) == 0 for q in zps if q.input[2] in consts)
+    assert check_export(gm, res.path, x).top1_agreement >= 0.99
+
+
+def test_float_export_and_opset_check(tmp_path, digits):
+    x, _, cx = digits
+    m = create_model("digits_cnn").eval()
+    rep = check_export(m, export_onnx(m, (1, 8, 8), tmp_path / "f.onnx").path, x)
+    assert rep.max_abs_diff < 1e-4 and rep.fused_compute == 0
+    gm = _quantized(QuantSpec(act_quantizer="ema"), "x86", cx)
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(gm, (1, 8, 8), tmp_path / "old.onnx", opset=11)
+    assert not (tmp_path / "old.onnx").exists()

@@ -1,0 +1,88 @@
+"""`edgec compress --resume` after a real SIGKILL, and `torchrun -m edgec compress` with 2 CPU processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RECIPE = """\
+version: 1
+name: resume-test
+stages:
+  - method: prune
+    target_sparsity: 0.5
+    epochs: 2
+    batch_size: 64
+    optimizer: adam
+    lr: 0.001
+    weight_decay: 0.0
+  - method: qat
+    epochs: 3
+    batch_size: 64
+    optimizer: adam
+    lr: 0.0005
+    weight_decay: 0.0
+"""
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDGEC_NO_PROGRESS="1")
+    return env
+
+
+def _cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "edgec", "compress", "--model", "digits_cnn", "--data", "digits", "--recipe",
+            str(recipe), "--out", str(out), "--device", "cpu", "--no-export", *extra]
+
+
+def _final(out: Path) -> dict:
+    return torch.load(out / "model_final.pt", weights_only=True)["model"]
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    full = subprocess.run(_cmd(recipe, tmp_path / "a"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_cmd(recipe, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "checkpoints" / "stage1.pt"  # first QAT epoch done: stage 0 finished, stage 1 running
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model_final.pt").exists(), "the run finished before it could be killed"
+
+    again = subprocess.run(_cmd(recipe, out), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite without --resume
+    resumed = subprocess.run(_cmd(recipe, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _final(tmp_path / "a"), _final(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("epochs: 2", "epochs: 1").replace("epochs: 3", "epochs: 1"))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+           "-m", "edgec", "compress", "--model", "digits_cnn", "--data", "digits", "--recipe", str(recipe),
+           "--out", str(out), "--device", "cpu", "--no-export"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = _final(out)
+    assert any(k.endswith("weight_mask") for k in state)
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["identity"]["world_size"] == 2

@@ -121,12 +121,11 @@ def main() -> int:
         print("EDGEC_DATA must point at a folder with cifar10/ (e.g. ../shared/data); nothing to do", file=sys.stderr)
         return 2
     os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
-    import numpy as np
     import torch
 
     from edgec.bench import bench
     from edgec.compress import CompressRequest, compress, rebuild_model
-    from edgec.data import calibration_subset, load_data, to_numpy
+    from edgec.data import calibration_subset, load_data, save_manifest, to_numpy
     from edgec.export.check import check_export
     from edgec.export.onnx_export import export_onnx
 
@@ -139,6 +138,8 @@ def main() -> int:
     ex, ey = to_numpy(data.eval, limit=args.eval_samples)
     calib, manifest = calibration_subset(data.train, 512, seed=args.seed)
     cx, _ = to_numpy(calib)
+    manifest["data"] = "cifar10 train split (ImageFolder order)"
+    save_manifest(manifest, HERE.parent / "calibration" / f"cifar10-train-{len(cx)}-seed{args.seed}.json")
     log(f"data: {data.describe()}; calibration {len(cx)} samples sha {manifest['sha256'][:12]}")
 
     base_path = WORK / f"resnet20_fp32_e{args.epochs}_s{args.seed}.pt"

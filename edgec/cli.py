@@ -7,7 +7,6 @@ needs. Every EdgecError is caught here: one clear message, its exit code, no tra
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -104,7 +103,7 @@ def bench(
     """Latency (p50/p90/p99), throughput, peak memory and accuracy of an ONNX model in ONNX Runtime."""
     from edgec.bench import bench as run_bench, print_bench_table
     from edgec.errors import BudgetExceeded
-    from edgec.runs import atomic_write_text
+    from edgec.atomic import atomic_write_text
 
     ex = ey = None
     if data is not None:

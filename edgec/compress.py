@@ -16,8 +16,8 @@ from typing import Any
 from edgec import __version__
 from edgec.errors import RunDirError
 from edgec.recipe import Recipe, dump_recipe, load_recipe
-from edgec.runs import (atomic_torch_save, atomic_write_text, file_sha256, fingerprint, prepare_run_dir,
-                        read_run)
+from edgec.atomic import atomic_torch_save, atomic_write_text
+from edgec.runs import file_sha256, fingerprint, prepare_run_dir, read_run
 
 
 @dataclass
@@ -79,7 +79,7 @@ def compress(req: CompressRequest, *, console=None) -> Path:
     """Run a compression recipe end to end; returns the run directory."""
     import torch
 
-    from edgec.data import calibration_subset, load_data, save_manifest
+    from edgec.data import load_data
     from edgec.distributed import init_distributed, is_main, barrier
     from edgec.stages import StageContext, get_handler
     from edgec.targets import get_target
@@ -128,8 +128,6 @@ def compress(req: CompressRequest, *, console=None) -> Path:
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         atomic_torch_save({"model": model.state_dict()}, run_dir / "model_input.pt")
         atomic_write_text(run_dir / "state.json", json.dumps(state))
-        _, manifest = calibration_subset(data.train, min(512, len(data.train)), seed=recipe.seed)
-        save_manifest(manifest, run_dir / "calibration" / "manifest.json")
     barrier()
 
     # ---- 3. stages ----------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import os
 import pickle
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -546,15 +545,9 @@ def _cache_key(split: _Split, mode: str) -> str:
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from edgec.atomic import atomic_write
+
+    atomic_write(path, lambda fh: np.save(fh, arr))
 
 
 def _decode_split(
@@ -874,16 +867,9 @@ def save_manifest(manifest: dict, path: Path | str) -> None:
     """Write a manifest as JSON atomically (tmp file + os.replace)."""
     path = Path(path)
     _validate_manifest(manifest, repr(str(path)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from edgec.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def load_manifest(path: Path | str) -> dict:

@@ -44,7 +44,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from edgec import distributed as D
+from edgec.atomic import atomic_torch_save
 from edgec.distributed import DistContext
 from edgec.errors import InputError, TrainingError
 
@@ -320,29 +320,8 @@ def _make_scheduler(
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside ``path``, fsync, os.replace: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some filesystems do not fsync directories
-        pass
+    """Checkpoint write: readers see the old checkpoint or the new one, never half."""
+    atomic_torch_save(obj, path)
 
 
 def _remove_stale_tmp(path: Path) -> None:

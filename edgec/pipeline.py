@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from edgec.errors import ExportError
-from edgec.runs import atomic_write_text, read_run
+from edgec.atomic import atomic_write_text
+from edgec.runs import read_run
 
 
 def _eval_arrays(run: dict, limit: int | None):

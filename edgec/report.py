@@ -10,32 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 __all__ = ["render_markdown", "write_report"]
 
+from edgec.atomic import atomic_write  # noqa: E402
+
 DASH = "—"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _json_default(obj: Any):
@@ -203,8 +186,8 @@ def write_report(run_dir: Path, rows: list[dict], *, title: str) -> dict[str, Pa
     doc = json.loads(json.dumps({"title": title, "created": created, "rows": rows},
                                 default=_json_default))  # numpy scalars -> plain values
     text = json.dumps(_plain(doc), indent=2, ensure_ascii=False, allow_nan=False)
-    _atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
+    atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
     md = render_markdown(rows, title=title, created=created)
-    _atomic_write(paths["md"], lambda f: f.write(md.encode()))
-    _atomic_write(paths["png"], lambda f: _plot(rows, title=title, write=f))
+    atomic_write(paths["md"], lambda f: f.write(md.encode()))
+    atomic_write(paths["png"], lambda f: _plot(rows, title=title, write=f))
     return paths

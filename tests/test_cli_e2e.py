@@ -90,7 +90,7 @@ def run_dir(workdir, baseline, recipe_file) -> Path:
 
 def test_run_directory_and_report(run_dir):
     for name in ("run.json", "recipe.yaml", "model_input.pt", "model_final.pt", "metrics.jsonl", "report.json",
-                 "report.md", "pareto.png", "calibration/manifest.json", "export/model_fp32.onnx",
+                 "report.md", "pareto.png", "calibration/stage1.json", "export/model_fp32.onnx",
                  "export/model_compressed.onnx", "export/model_compressed.check.json"):
         assert (run_dir / name).is_file(), name
     rows = json.loads((run_dir / "report.json").read_text())["rows"]

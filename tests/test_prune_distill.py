@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from edgec import prune as P
 from edgec.distill import ace, calibration_metrics, ece, fit_temperature, kd_loss, kd_objective

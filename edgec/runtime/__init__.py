@@ -197,7 +197,18 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process in MiB (None where unsupported, e.g. Windows)."""
+    """Peak resident set size of this process in MiB (None where unsupported, e.g. Windows).
+
+    On Linux this is VmHWM from /proc: ``ru_maxrss`` survives ``execve`` and would report the
+    parent's peak for a freshly spawned runner (e.g. a big torch process that launched it).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

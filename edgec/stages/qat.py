@@ -6,7 +6,8 @@ import torch
 from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
 from edgec.quant.quantizers import LSQQuantizer
 from edgec.stages import HANDLERS
-from edgec.stages.base import _subset, train_stage
+from edgec.data import calibration_subset, save_manifest
+from edgec.stages.base import train_stage
 
 
 def quant_spec(cfg, weight_quantizer: str, act_quantizer: str, percentile: float = 99.99) -> QuantSpec:
@@ -21,7 +22,11 @@ def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
     if report.left_float:
         ctx.log(f"[yellow]left in float (unsupported for quantization): {', '.join(report.left_float)}[/]")
     if not ctx.rebuild:
-        calib = _subset(ctx.data.train, cfg.calibration_samples, ctx.seed)
+        calib, manifest = calibration_subset(ctx.data.train, min(cfg.calibration_samples, len(ctx.data.train)),
+                                             seed=ctx.seed)
+        if ctx.dist.rank == 0:
+            manifest["data"] = ctx.data.spec
+            save_manifest(manifest, ctx.run_dir / "calibration" / f"stage{ctx.index}.json")
         loader = torch.utils.data.DataLoader(calib, batch_size=min(128, cfg.calibration_samples))
         seen = calibrate(gm, loader, ctx.device)
         ctx.record(event="quantize", calibration_samples=seen, **report.as_dict())

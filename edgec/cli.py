@@ -97,7 +97,7 @@ def bench(
     runs: Annotated[int, typer.Option(help="timed runs")] = 100,
     provider: Annotated[Optional[list[str]], typer.Option(help="ORT execution provider(s), e.g. CUDAExecutionProvider")] = None,
     budget_ms: Annotated[Optional[float], typer.Option(help="exit non-zero when p50 latency exceeds this")] = None,
-    eval_samples: Annotated[Optional[int], typer.Option(help="limit accuracy to N eval samples")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option(help="accuracy on a seeded class-stratified subset of N eval samples")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results to this JSON file")] = None,
 ):
     """Latency (p50/p90/p99), throughput, peak memory and accuracy of an ONNX model in ONNX Runtime."""
@@ -109,7 +109,7 @@ def bench(
     if data is not None:
         from edgec.data import load_data, to_numpy
 
-        ex, ey = to_numpy(load_data(data).eval, limit=eval_samples)
+        ex, ey = to_numpy(load_data(data, max_eval=eval_samples).eval)  # seeded, class-stratified subset
     console = _console()
     try:
         res = run_bench(model, eval_x=ex, eval_y=ey, threads=threads, batch=batch, warmup=warmup, runs=runs,

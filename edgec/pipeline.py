@@ -15,8 +15,9 @@ from edgec.runs import read_run
 def _eval_arrays(run: dict, limit: int | None):
     from edgec.data import load_data, to_numpy
 
-    data = load_data(run["identity"]["data"], seed=run["identity"]["recipe"].get("seed", 0))
-    return to_numpy(data.eval, limit=limit)
+    # max_eval draws a seeded, class-stratified subset (eval folders are often sorted by class)
+    data = load_data(run["identity"]["data"], seed=run["identity"]["recipe"].get("seed", 0), max_eval=limit)
+    return to_numpy(data.eval)
 
 
 def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=None) -> dict:
@@ -89,7 +90,8 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
     bcfg = recipe.get("bench", {})
     ecfg = recipe.get("export", {})
     ex, ey = _eval_arrays(run, bcfg.get("eval_samples"))
-    px = ex[: ecfg.get("parity_samples", 1000)]
+    n_par = ecfg.get("parity_samples", 1000)
+    px = ex[:: max(1, len(ex) // n_par)][:n_par]  # spread over the eval set (often sorted by class)
     opset = ecfg.get("opset", 17)
     rows, benches = [], []
     quant_stage = next((s for s in recipe["stages"] if s["method"] in ("qat", "ptq")), None)

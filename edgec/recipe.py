@@ -103,9 +103,26 @@ class PTQStage(Quant):
     observer: Literal["minmax", "percentile", "ema"] = "minmax"
     percentile: float = Field(99.99, gt=50, le=100)
     weight_quantizer: Literal["minmax"] = "minmax"
+    weight_range: Literal["minmax", "psg"] = Field(
+        "minmax", description="per-channel min-max, or PSG's per-layer EMA range (after a psg stage)")
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage], Field(discriminator="method")]
+class PSGStage(Optim):
+    """Position-based scaled gradient (METHODS.md section 3): train a full-precision model so it
+    quantizes (or prunes) post-training. Follow it with a ``ptq`` stage (``weight_range: psg``)."""
+
+    method: Literal["psg"]
+    bits: int | None = Field(4, ge=2, le=8, description="target weight bit width (None: pruning variant only)")
+    lambda_s: float = Field(150.0, gt=0, description="gradient scale (150 for 4 bits in the authors' code)")
+    eps_rel: float = Field(1e-8, ge=0, description="epsilon = eps_rel * a (a = layer range)")
+    range_momentum: float = Field(0.1, gt=0, le=1, description="EMA momentum of the per-layer range")
+    target_sparsity: float | None = Field(None, ge=0, lt=1, description="pruning variant: pull the smallest weights to 0")
+    first_last_bits: int = Field(8, ge=2, le=8, description="bits of the first conv and last linear when bits < 4")
+    kd: KD | None = None
+
+
+Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage],
+                  Field(discriminator="method")]
 
 
 class ExportCfg(_Strict):
@@ -169,7 +186,7 @@ def _loc(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(str(item))
-        elif item in ("train", "distill", "prune", "qat", "ptq") and parts and parts[-1].isdigit():
+        elif item in ("train", "distill", "prune", "qat", "ptq", "psg") and parts and parts[-1].isdigit():
             continue  # discriminator tag, not a user path
         else:
             parts.append(str(item))
@@ -266,7 +283,7 @@ def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -
                 msg = "unknown key"
             elif err["type"] == "union_tag_invalid":
                 got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else err.get("input")
-                msg = f"unknown method {got!r}; " + did_you_mean(str(got), ("train", "distill", "prune", "qat", "ptq"))
+                msg = f"unknown method {got!r}; " + did_you_mean(str(got), ("train", "distill", "prune", "qat", "ptq", "psg"))
             problems.append(f"{_loc(err['loc'])}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in (
                 "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict) else ""))
     else:

@@ -168,7 +168,10 @@ class RangeQuantizer(Quantizer):
         return (self.absmax / self.qmax).clamp_min(1e-8)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if self.training and self.method == "ema" or int(self.batches) == 0:
+        if self.training and self.per_channel and self.method == "minmax":
+            with torch.no_grad():  # weights during QAT: the range follows the current weights
+                self.absmax.copy_(self._reduce_absmax(x))
+        elif self.training and self.method == "ema" or int(self.batches) == 0:
             self.observe(x)
         return fake_quant(x, self._view(self.scale(), x), self.qmin, self.qmax)
 

@@ -29,8 +29,46 @@ def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
             save_manifest(manifest, ctx.run_dir / "calibration" / f"stage{ctx.index}.json")
         loader = torch.utils.data.DataLoader(calib, batch_size=min(128, cfg.calibration_samples))
         seen = calibrate(gm, loader, ctx.device)
+        if getattr(cfg, "weight_range", "minmax") == "psg":
+            apply_psg_ranges(model, gm, ctx)
         ctx.record(event="quantize", calibration_samples=seen, **report.as_dict())
     return gm
+
+
+@torch.no_grad()
+def apply_psg_ranges(float_model, gm, ctx) -> None:
+    """Quantize weights on PSG's target grid: Delta = a/n per layer (its EMA range).
+
+    BatchNorm folding scales each output channel by c = gamma/sigma, which maps the grid k*Delta to
+    k*Delta*|c|: a per-channel scale represents it exactly. c is read off as the ratio of folded to
+    original weights.
+    """
+    from edgec.errors import InputError
+    from edgec.quant.modules import QUANT_MODULES
+
+    done = 0
+    for name, q in gm.named_modules():
+        if not isinstance(q, QUANT_MODULES):
+            continue
+        try:
+            orig = float_model.get_submodule(name)
+        except AttributeError:
+            continue
+        rng = getattr(orig, "psg_range", None)
+        if rng is None:
+            continue
+        a = torch.maximum(rng[0].abs(), rng[1])
+        bits = int(round(torch.log2(torch.tensor(float(q.wq.qmax - q.wq.qmin + 2))).item()))
+        n = 2 ** (bits - 1) - 1
+        wo = orig.weight.flatten(1).to(q.weight)
+        wf = q.weight.flatten(1)
+        c = ((wf * wo).sum(1) / (wo * wo).sum(1).clamp_min(1e-20)).abs()
+        q.wq.absmax.copy_((a / n) * c * q.wq.qmax)
+        done += 1
+    if done == 0:
+        raise InputError("ptq weight_range=psg needs a preceding psg stage",
+                         hint="put a `method: psg` stage before this ptq stage, or use weight_range: minmax")
+    ctx.log(f"weights quantized on the PSG grid of {done} layers")
 
 
 class QATHandler:

@@ -94,7 +94,7 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
     px = ex[:: max(1, len(ex) // n_par)][:n_par]  # spread over the eval set (often sorted by class)
     opset = ecfg.get("opset", 17)
     rows, benches = [], []
-    quant_stage = next((s for s in recipe["stages"] if s["method"] in ("qat", "ptq")), None)
+    quant_stage = next((s for s in recipe["stages"] if s["method"] in ("qat", "ptq", "qkd")), None)
     bits = f"w{quant_stage['weight_bits']}a{quant_stage['act_bits']}" if quant_stage else "fp32"
     for which, name in (("input", "model_fp32"), ("final", "model_compressed")):
         model = rebuild_model(run_dir, which)

@@ -121,7 +121,27 @@ class PSGStage(Optim):
     kd: KD | None = None
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage],
+class QKDStage(Optim, Quant):
+    """Quantization-aware KD (METHODS.md section 2): Self-studying -> Co-studying -> Tutoring."""
+
+    method: Literal["qkd"]
+    weight_bits: int = Field(4, ge=2, le=8)
+    act_bits: int = Field(4, ge=2, le=8)
+    first_layer_bits: int | None = Field(8, ge=2, le=8)
+    last_layer_bits: int | None = Field(8, ge=2, le=8)
+    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
+    act_quantizer: Literal["lsq", "ema"] = "lsq"
+    epochs: int = Field(3, ge=0, description="total; split over SS/CS/TU in the ratio of `split`")
+    split: tuple[int, int, int] = Field((30, 100, 70), description="SS:CS:TU epoch ratio (paper's CIFAR 30/100/70)")
+    phase_epochs: tuple[int, int, int] | None = Field(None, description="explicit SS, CS, TU epochs (overrides split)")
+    alpha: float = Field(0.5, ge=0, le=1, description="student: (1-a)*CE + a*tau^2*KL(T||S)")
+    beta: float = Field(0.5, ge=0, le=1, description="teacher in CS: (1-b)*CE + b*tau^2*KL(S||T)")
+    kd: KD = Field(default_factory=lambda: KD(temperature=2.0))
+    quantizer_lr: float | None = Field(None, gt=0)
+    teacher_lr: float | None = Field(None, gt=0, description="teacher lr in CS (default: lr)")
+
+
+Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage, QKDStage],
                   Field(discriminator="method")]
 
 
@@ -153,13 +173,13 @@ class Recipe(_Strict):
     @field_validator("stages")
     @classmethod
     def _one_quantization(cls, stages: list) -> list:
-        quant = [i for i, s in enumerate(stages) if s.method in ("qat", "ptq")]
+        quant = [i for i, s in enumerate(stages) if s.method in ("qat", "ptq", "qkd")]
         if len(quant) > 1:
-            raise ValueError(f"at most one qat/ptq stage per recipe (found at {quant})")
+            raise ValueError(f"at most one quantizing stage (qat/ptq/qkd) per recipe (found at {quant})")
         if quant:
             after = [s.method for s in stages[quant[0] + 1:] if s.method == "prune"]
             if after:
-                raise ValueError("prune stages must come before the qat/ptq stage")
+                raise ValueError("prune stages must come before the quantizing (qat/ptq/qkd) stage")
         return stages
 
 
@@ -186,7 +206,7 @@ def _loc(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(str(item))
-        elif item in ("train", "distill", "prune", "qat", "ptq", "psg") and parts and parts[-1].isdigit():
+        elif item in ("train", "distill", "prune", "qat", "ptq", "psg", "qkd") and parts and parts[-1].isdigit():
             continue  # discriminator tag, not a user path
         else:
             parts.append(str(item))
@@ -283,7 +303,7 @@ def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -
                 msg = "unknown key"
             elif err["type"] == "union_tag_invalid":
                 got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else err.get("input")
-                msg = f"unknown method {got!r}; " + did_you_mean(str(got), ("train", "distill", "prune", "qat", "ptq", "psg"))
+                msg = f"unknown method {got!r}; " + did_you_mean(str(got), ("train", "distill", "prune", "qat", "ptq", "psg", "qkd"))
             problems.append(f"{_loc(err['loc'])}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in (
                 "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict) else ""))
     else:

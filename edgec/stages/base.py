@@ -74,6 +74,33 @@ def _logits(model: nn.Module, dataset, device, batch_size: int = 256):
     return torch.cat(zs), torch.cat(ys)
 
 
+def calibrate_teacher(teacher: nn.Module, train_set, kd: Any, ctx: StageContext):
+    """Fit the teacher's temperature T_c on a held-out share of ``train_set`` (METHODS.md section 6).
+
+    Returns the remaining training data (the held-out share is excluded from training) and T_c;
+    teacher NLL/ECE/ACE before and after go to the run's metrics.
+    """
+    train_set, held = holdout_split(train_set, kd.calibration_fraction, seed=ctx.seed)
+    z, y = _logits(teacher, held, ctx.device)
+    before = calibration_metrics(z, y)
+    t_c = fit_temperature(z, y)
+    after = calibration_metrics(z, y, t_c)
+    ctx.record(event="teacher_calibration", temperature=t_c, held_out=len(held), before=before, after=after)
+    ctx.log(f"teacher calibration on {len(held)} held-out samples: T_c={t_c:.3f}, "
+            f"NLL {before['nll']:.4f}->{after['nll']:.4f}, ECE {before['ece']:.4f}->{after['ece']:.4f}, "
+            f"ACE {before['ace']:.4f}->{after['ace']:.4f}")
+    return train_set, t_c
+
+
+def train_config(cfg: Any, ctx: StageContext, epochs: int | None = None):
+    from edgec.engine import TrainConfig
+
+    return TrainConfig(epochs=cfg.epochs if epochs is None else epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                       schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip,
+                       seed=ctx.seed + ctx.index)
+
+
 def train_stage(model: nn.Module, cfg: Any, ctx: StageContext, *, hooks_extra: dict | None = None,
                 desc: str = "train") -> dict:
     """Train ``model`` with CE, or with KD when ``cfg.kd`` is set; masks are kept fixed.
@@ -82,7 +109,7 @@ def train_stage(model: nn.Module, cfg: Any, ctx: StageContext, *, hooks_extra: d
     a held-out share of the training data, which is then excluded from this stage's training;
     the student distils from softmax(z_T / (T_c * tau)).
     """
-    from edgec.engine import Hooks, TrainConfig, fit
+    from edgec.engine import Hooks, fit
 
     if cfg.epochs == 0:
         return {}
@@ -95,16 +122,7 @@ def train_stage(model: nn.Module, cfg: Any, ctx: StageContext, *, hooks_extra: d
         for p in teacher.parameters():
             p.requires_grad_(False)
         if kd.calibrate:
-            train_set, held = holdout_split(train_set, kd.calibration_fraction, seed=ctx.seed)
-            z, y = _logits(teacher, held, ctx.device)
-            before = calibration_metrics(z, y)
-            t_c = fit_temperature(z, y)
-            after = calibration_metrics(z, y, t_c)
-            ctx.record(event="teacher_calibration", temperature=t_c, held_out=len(held),
-                       before=before, after=after)
-            ctx.log(f"teacher calibration on {len(held)} held-out samples: T_c={t_c:.3f}, "
-                    f"NLL {before['nll']:.4f}->{after['nll']:.4f}, ECE {before['ece']:.4f}->{after['ece']:.4f}, "
-                    f"ACE {before['ace']:.4f}->{after['ace']:.4f}")
+            train_set, t_c = calibrate_teacher(teacher, train_set, kd, ctx)
     train_set = _subset(train_set, cfg.max_train_samples, ctx.seed)
 
     def loss_fn(m, x, y):
@@ -123,9 +141,7 @@ def train_stage(model: nn.Module, cfg: Any, ctx: StageContext, *, hooks_extra: d
         after_backward=(lambda: (P.mask_gradients(model), after_backward and after_backward())) if masked or after_backward else None,
         after_step=(lambda: P.apply_masks(model)) if masked else None,
     )
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                     warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip, seed=ctx.seed + ctx.index)
+    tc = train_config(cfg, ctx)
     params = extra.get("params")
     return fit(model, loss_fn=loss_fn, train_set=train_set, eval_set=ctx.data.eval, cfg=tc,
                ckpt_path=ctx.ckpt_path, resume=ctx.resume, hooks=hooks, augment=ctx.data.augment,

@@ -114,6 +114,7 @@ def main() -> int:
     ap.add_argument("--qat-samples", type=int, default=20000, help="train samples per QAT epoch")
     ap.add_argument("--eval-samples", type=int, default=None, help="default: the full 10k test set")
     ap.add_argument("--runs", type=int, default=200, help="timed runs at batch 1 (batch 32: runs/4)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (median reported)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     root = os.environ.get("EDGEC_DATA")
@@ -121,12 +122,13 @@ def main() -> int:
         print("EDGEC_DATA must point at a folder with cifar10/ (e.g. ../shared/data); nothing to do", file=sys.stderr)
         return 2
     os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
+    import numpy as np
     import torch
 
     from edgec.bench import bench
     from edgec.compress import CompressRequest, compress, rebuild_model
     from edgec.data import calibration_subset, load_data, save_manifest, to_numpy
-    from edgec.export.check import check_export
+    from edgec.export.check import check_export, fused_ops
     from edgec.export.onnx_export import export_onnx
 
     torch.set_num_threads(2)
@@ -179,19 +181,29 @@ def main() -> int:
     if nn_path is not None:
         onnx_files["NNCF PTQ"] = nn_path
 
-    from edgec.export.check import fused_ops
-
-    rows = []
+    # accuracy once per model; latency in interleaved rounds (the order flips every round) and the
+    # median of the rounds' p50, so slow drift of this shared machine hits every model alike
+    rows, lat = [], {(n, b): [] for n in onnx_files for b in (1, 32)}
     for name, path in onnx_files.items():
-        log(f"measuring {name}")
-        b1 = bench(path, eval_x=ex, eval_y=ey, threads=1, batch=1, warmup=20, runs=args.runs)
-        b32 = bench(path, threads=1, batch=32, warmup=5, runs=max(10, args.runs // 4))
+        log(f"accuracy of {name} on {len(ex)} test images in ORT")
+        b1 = bench(path, eval_x=ex, eval_y=ey, threads=1, batch=1, warmup=5, runs=10)
         compute, integer, float_left = fused_ops(path)
         rows.append({"model": name, "accuracy": b1["accuracy"], "samples": b1["samples"],
-                     "p50_ms_b1": b1["latency_ms"]["p50"], "p50_ms_b32": b32["latency_ms"]["p50"],
                      "weight_bytes_deployed": b1["weight_bytes_deployed"], "file_bytes": b1["file_bytes"],
                      "integer_kernels": sum(integer.get(k, 0) for k in ("QLinearConv", "QGemm", "QLinearMatMul")),
                      "compute_nodes": compute, "parity_top1_vs_pytorch": parity.get(name, {}).get("top1_agreement")})
+    names = list(onnx_files)
+    for rnd in range(args.rounds):
+        log(f"latency round {rnd + 1}/{args.rounds}")
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            for batch, runs in ((1, args.runs), (32, max(10, args.runs // 4))):
+                r = bench(onnx_files[name], threads=1, batch=batch, warmup=20 if batch == 1 else 5, runs=runs)
+                lat[(name, batch)].append(r["latency_ms"]["p50"])
+    for row in rows:
+        for batch in (1, 32):
+            vals = lat[(row["model"], batch)]
+            row[f"p50_ms_b{batch}"] = float(np.median(vals))
+            row[f"p50_ms_b{batch}_rounds"] = vals
     f = rows[0]
     for r in rows:
         r["speedup_b1_vs_fp32"] = f["p50_ms_b1"] / r["p50_ms_b1"]

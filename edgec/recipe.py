@@ -66,6 +66,9 @@ class Quant(_Strict):
     unsupported: Literal["float", "error"] = Field(
         "float", description="layers QAT cannot quantize: leave them float, or stop with an error")
     calibration_samples: int = Field(512, ge=1)
+    lsq_init: Literal["auto", "minmax", "lsq"] = Field(
+        "auto", description="LSQ step init: max|x|/Qp (minmax), the paper's 2*mean|x|/sqrt(Qp) (lsq), "
+                            "or auto = minmax from 6 bits up")
 
 
 class TrainStage(Optim):

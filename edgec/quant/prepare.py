@@ -41,6 +41,7 @@ class QuantSpec:
     first_layer_bits: int | None = None  # weight & act bits of the first quantized layer
     last_layer_bits: int | None = None
     unsupported: str = "float"  # float | error
+    lsq_init: str = "auto"  # auto | minmax | lsq  (see LSQQuantizer)
 
 
 @dataclass
@@ -167,7 +168,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
             bits = spec.last_layer_bits
         qmin, qmax = target.weight_range(bits)
         wq = make_quantizer(spec.weight_quantizer, qmin=qmin, qmax=qmax, per_channel=True,
-                            channels=layer.weight.shape[0], percentile=spec.percentile)
+                            channels=layer.weight.shape[0], percentile=spec.percentile,
+                            lsq_init=spec.lsq_init)
         cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
         _set_module(gm, str(node.target), cls.from_float(layer, wq))
         report.quantized.append(str(node.target))
@@ -184,7 +186,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
     def insert_after(src: fx.Node, signed: bool, bits: int, before_user: fx.Node | None = None) -> fx.Node:
         qmin, qmax = target.act_range(bits, signed)
         aq = ActQuant(make_quantizer(spec.act_quantizer, qmin=qmin, qmax=qmax, per_channel=False,
-                                     percentile=spec.percentile),
+                                     percentile=spec.percentile, lsq_init=spec.lsq_init),
                       container=target.act_container, zero_point=target.act_zero_point(signed))
         name = f"aq_{next(counter)}"
         gm.add_submodule(name, aq)

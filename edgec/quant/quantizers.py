@@ -92,10 +92,20 @@ class Quantizer(nn.Module):
 
 
 class LSQQuantizer(Quantizer):
-    """Learned step size. Initialised from data on the first forward (or by calibration)."""
+    """Learned step size. Initialised from data on the first forward (or by calibration).
 
-    def __init__(self, *, qmin: int, qmax: int, per_channel: bool, channels: int = 1):
+    ``init``: ``"lsq"`` = the paper's 2*mean|x|/sqrt(Qp); ``"minmax"`` = max|x|/Qp over the
+    calibration batches (no clipping at the start: much closer to the optimum at 6-8 bits, where the
+    paper's rule gives a step several times too coarse); ``"auto"`` = minmax from 6 bits up, else lsq.
+    """
+
+    def __init__(self, *, qmin: int, qmax: int, per_channel: bool, channels: int = 1, init: str = "auto"):
         super().__init__(qmin=qmin, qmax=qmax, per_channel=per_channel, channels=channels)
+        if init == "auto":
+            init = "minmax" if qmax >= 31 else "lsq"
+        if init not in ("lsq", "minmax"):
+            raise ValueError(f"unknown LSQ init {init!r}")
+        self.init = init
         self.step = nn.Parameter(torch.ones(self.channels))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
@@ -109,7 +119,13 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        self.step.copy_(self._init_value(x))
+        if self.init == "minmax":
+            new = (self._reduce_absmax(x) / self.qmax).clamp_min(1e-8).to(self.step)
+            if bool(self.initialized):
+                new = torch.maximum(self.step.detach().abs(), new)
+        else:
+            new = self._init_value(x).to(self.step)
+        self.step.copy_(new)
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -180,9 +196,9 @@ class RangeQuantizer(Quantizer):
 
 
 def make_quantizer(kind: str, *, qmin: int, qmax: int, per_channel: bool, channels: int = 1,
-                   percentile: float = 99.99) -> Quantizer:
+                   percentile: float = 99.99, lsq_init: str = "auto") -> Quantizer:
     if kind == "lsq":
-        return LSQQuantizer(qmin=qmin, qmax=qmax, per_channel=per_channel, channels=channels)
+        return LSQQuantizer(qmin=qmin, qmax=qmax, per_channel=per_channel, channels=channels, init=lsq_init)
     return RangeQuantizer(qmin=qmin, qmax=qmax, per_channel=per_channel, channels=channels,
                           method=kind, percentile=percentile)
 

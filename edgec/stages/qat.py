@@ -13,7 +13,7 @@ from edgec.stages.base import train_stage
 def quant_spec(cfg, weight_quantizer: str, act_quantizer: str, percentile: float = 99.99) -> QuantSpec:
     return QuantSpec(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, weight_quantizer=weight_quantizer,
                      act_quantizer=act_quantizer, percentile=percentile, first_layer_bits=cfg.first_layer_bits,
-                     last_layer_bits=cfg.last_layer_bits, unsupported=cfg.unsupported)
+                     last_layer_bits=cfg.last_layer_bits, unsupported=cfg.unsupported, lsq_init=cfg.lsq_init)
 
 
 def prepare_quantized(model, cfg, ctx, spec: QuantSpec):

@@ -27,7 +27,7 @@ _state = {"verbose": False}
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, emoji=False)  # "30:100:70" is not an emoji
 
 
 @app.callback()

@@ -82,6 +82,7 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
     from edgec.bench import bench, print_bench_table
     from edgec.compress import rebuild_model
     from edgec.prune import sparsity_stats
+    from edgec.recipe import QUANT_METHODS
     from edgec.report import write_report
 
     run_dir = Path(run_dir)
@@ -94,7 +95,7 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
     px = ex[:: max(1, len(ex) // n_par)][:n_par]  # spread over the eval set (often sorted by class)
     opset = ecfg.get("opset", 17)
     rows, benches = [], []
-    quant_stage = next((s for s in recipe["stages"] if s["method"] in ("qat", "ptq", "qkd")), None)
+    quant_stage = next((s for s in recipe["stages"] if s["method"] in QUANT_METHODS), None)
     bits = f"w{quant_stage['weight_bits']}a{quant_stage['act_bits']}" if quant_stage else "fp32"
     for which, name in (("input", "model_fp32"), ("final", "model_compressed")):
         model = rebuild_model(run_dir, which)

@@ -144,8 +144,33 @@ class QKDStage(Optim, Quant):
     teacher_lr: float | None = Field(None, gt=0, description="teacher lr in CS (default: lr)")
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage, QKDStage],
+class PQKStage(Optim, Quant):
+    """Pruning + QAT, then KD from the pruned-away weights in the same network (METHODS.md section 1)."""
+
+    method: Literal["pqk"]
+    target_sparsity: float = Field(..., ge=0, lt=1, description="final global sparsity s_f of the prunable weights")
+    epochs: int = Field(3, ge=0, description="phase 1: iterative global magnitude pruning + QAT (CE)")
+    kd_epochs: int = Field(2, ge=0, description="phase 2: two-path KD with the mask frozen")
+    ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of phase-1 steps over which sparsity ramps (t_f)")
+    update_every: int = Field(16, ge=1, description="recompute the global threshold every k steps (DCIL: 16)")
+    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    temperature: float = Field(2.0, gt=0, description="tau of both KL terms")
+    teacher_updates_kept: bool = Field(
+        False, description="teacher loss also updates the kept weights (default: pruned-away weights only)")
+    teacher_quantized: bool = Field(
+        False, description="teacher path uses the quantized kept weights (default: all weights full precision)")
+    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
+    act_quantizer: Literal["lsq", "ema"] = "lsq"
+    lr: float = Field(0.005, gt=0)
+    kd_lr: float | None = Field(None, gt=0, description="phase-2 lr (default: lr)")
+
+
+Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage, QKDStage, PQKStage],
                   Field(discriminator="method")]
+
+
+METHODS = ("train", "distill", "prune", "qat", "ptq", "psg", "qkd", "pqk")
+QUANT_METHODS = ("qat", "ptq", "qkd", "pqk")  # stages that quantize: at most one per recipe
 
 
 class ExportCfg(_Strict):
@@ -176,13 +201,13 @@ class Recipe(_Strict):
     @field_validator("stages")
     @classmethod
     def _one_quantization(cls, stages: list) -> list:
-        quant = [i for i, s in enumerate(stages) if s.method in ("qat", "ptq", "qkd")]
+        quant = [i for i, s in enumerate(stages) if s.method in QUANT_METHODS]
         if len(quant) > 1:
-            raise ValueError(f"at most one quantizing stage (qat/ptq/qkd) per recipe (found at {quant})")
+            raise ValueError(f"at most one quantizing stage (qat/ptq/qkd/pqk) per recipe (found at {quant})")
         if quant:
             after = [s.method for s in stages[quant[0] + 1:] if s.method == "prune"]
             if after:
-                raise ValueError("prune stages must come before the quantizing (qat/ptq/qkd) stage")
+                raise ValueError("prune stages must come before the quantizing (qat/ptq/qkd/pqk) stage")
         return stages
 
 
@@ -209,7 +234,7 @@ def _loc(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(str(item))
-        elif item in ("train", "distill", "prune", "qat", "ptq", "psg", "qkd") and parts and parts[-1].isdigit():
+        elif item in METHODS and parts and parts[-1].isdigit():
             continue  # discriminator tag, not a user path
         else:
             parts.append(str(item))
@@ -306,7 +331,7 @@ def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -
                 msg = "unknown key"
             elif err["type"] == "union_tag_invalid":
                 got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else err.get("input")
-                msg = f"unknown method {got!r}; " + did_you_mean(str(got), ("train", "distill", "prune", "qat", "ptq", "psg", "qkd"))
+                msg = f"unknown method {got!r}; " + did_you_mean(str(got), METHODS)
             problems.append(f"{_loc(err['loc'])}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in (
                 "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict) else ""))
     else:

@@ -6,7 +6,8 @@ places per-tensor activation quantizers where ONNX Runtime expects Q/DQ pairs to
 kernels:
 
 * after every graph input,
-* after every conv/linear, or after its ReLU when the ReLU is its only user (unsigned then),
+* after every conv/linear (after its BatchNorm when `fold_bn=False`), or after its ReLU when the
+  ReLU is its only user (unsigned then),
 * after every residual add (or its ReLU),
 * after average pooling,
 * and before any quantized layer whose input would otherwise reach it unquantized.
@@ -42,6 +43,9 @@ class QuantSpec:
     last_layer_bits: int | None = None
     unsupported: str = "float"  # float | error
     lsq_init: str = "auto"  # auto | minmax | lsq  (see LSQQuantizer)
+    # False: keep BatchNorm after its conv (activation quantizers then sit after the BN, where the
+    # folded graph has them) for methods that fold it later themselves (PQK: one BN per path)
+    fold_bn: bool = True
 
 
 @dataclass
@@ -91,13 +95,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold every BatchNorm that directly follows a conv/linear (its only user) into it."""
     gm.eval()
     for node in list(gm.graph.nodes):
-        bn = _module(gm, node)
-        if not isinstance(bn, _BN) or not node.args or not isinstance(node.args[0], fx.Node):
+        if not _conv_bn(gm, node):
             continue
-        prev = node.args[0]
+        bn, prev = _module(gm, node), node.args[0]
         layer = _module(gm, prev)
-        if len(prev.users) != 1 or not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
         fused = fuse_conv_bn_eval(layer, bn) if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval(layer, bn)
         fused.weight = nn.Parameter(fused.weight.detach().clone())
         if fused.bias is not None:
@@ -109,6 +110,14 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _conv_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A BatchNorm node that directly follows a conv/linear which it is the only user of."""
+    if not isinstance(_module(gm, node), _BN) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    prev = node.args[0]
+    return len(prev.users) == 1 and isinstance(_module(gm, prev), (nn.Conv2d, nn.Linear))
 
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -150,9 +159,12 @@ def unsupported_layers(model: nn.Module) -> list[str]:
 
 def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> tuple[fx.GraphModule, QuantReport]:
     """Return a traced copy of ``model`` with BN folded and quantizers inserted."""
-    gm = fold_batchnorm(trace(copy.deepcopy(model)))
+    gm = trace(copy.deepcopy(model))
+    if spec.fold_bn:
+        gm = fold_batchnorm(gm)
     report = QuantReport()
-    bad = unsupported_layers(gm)
+    kept_bn = set() if spec.fold_bn else {str(n.target) for n in gm.graph.nodes if _conv_bn(gm, n)}
+    bad = [b for b in unsupported_layers(gm) if b.split(" ")[0] not in kept_bn]
     if bad and spec.unsupported == "error":
         raise InputError("layers that QAT does not support: " + ", ".join(bad),
                          hint="set `unsupported: float` in the stage to leave them in floating point")
@@ -214,9 +226,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
         if node.op == "placeholder":
             insert_after(node, True, spec.first_layer_bits or spec.act_bits)
         elif isinstance(_module(gm, node), QUANT_MODULES) or _is_add(node):
-            users = list(node.users)
-            end = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
-            insert_after(end, end is node, act_bits_for(node))
+            end = node
+            users = list(end.users)
+            if len(users) == 1 and str(users[0].target) in kept_bn:
+                end = users[0]
+                users = list(end.users)
+            if len(users) == 1 and _is_relu(gm, users[0]):
+                end = users[0]
+            insert_after(end, not _is_relu(gm, end), act_bits_for(node))
         elif _is_avgpool(gm, node):
             insert_after(node, source_signed(node.args[0]), spec.act_bits)
 

@@ -7,6 +7,7 @@ Spec forms (``load_data(spec)``)::
     imagefolder:PATH                PATH/train/<class>/<img> + PATH/test|val/<class>/<img>
     python:pkg.module:factory       factory() -> (train_ds, eval_ds) or a DataBundle
     python:path/to/file.py:factory  same, loading the file by path
+    speechcommands:PATH | fsdd:PATH | tau2020mobile:PATH   audio -> log-mel (see edgec.audio_data)
 
 Every dataset yields ``(x: float32 (C,H,W), y: int64 scalar)``, already normalised; the
 ``normalization`` dict of the bundle says how (``x = (pixel * input_scale - mean) / std`` per
@@ -84,6 +85,13 @@ DATA_KINDS: dict[str, str] = {
     "imagefolder": "imagefolder:PATH -- PATH/train/<class>/<img> and PATH/test|val/<class>/<img>",
     "python": "python:MODULE:FACTORY or python:FILE.py:FACTORY -- factory() returns "
     "(train_dataset, eval_dataset) or a DataBundle",
+    # audio kinds: loaded by edgec.audio_data
+    "speechcommands": "speechcommands:PATH[?eval=test|val] -- Speech Commands folder per label, 12 classes, "
+    "speaker-disjoint split; log-mel (1,40,101)",
+    "fsdd": "fsdd:PATH[?train_speakers=a,b,c,d] -- Free Spoken Digit Dataset (8 kHz -> 16 kHz), official "
+    "or speaker split; log-mel (1,40,101)",
+    "tau2020mobile": "tau2020mobile:PATH -- TAU Urban Acoustic Scenes 2020 Mobile layout, 10 scenes, "
+    "per-device groups",
 }
 
 CIFAR10_LAYOUTS = (
@@ -129,6 +137,9 @@ class DataBundle:
     classes: list[str]
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     normalization: dict = field(default_factory=dict)
+    #: per-sample metadata of the eval split, aligned with ``eval``: name -> array (N,), e.g.
+    #: ``{"speaker": ...}`` or ``{"device": ...}`` for audio data (accuracy per group)
+    groups: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for logs and reports."""
@@ -222,6 +233,10 @@ def load_data(
         return _load_cifar10(arg, seed=seed, max_train=max_train, max_eval=max_eval)
     if kind == "imagefolder":
         return _load_imagefolder(arg, seed=seed, max_train=max_train, max_eval=max_eval)
+    if kind in ("speechcommands", "fsdd", "tau2020mobile"):
+        from edgec.audio_data import load_audio_data
+
+        return load_audio_data(kind, arg, seed=seed, max_train=max_train, max_eval=max_eval)
     return _load_python(spec, arg, seed=seed, max_train=max_train, max_eval=max_eval)
 
 

@@ -26,7 +26,11 @@ def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=N
     from edgec.export.check import check_export
     from edgec.export.onnx_export import export_onnx
 
+    from edgec.export.metadata import write_model_metadata
+
     res = export_onnx(model, tuple(run["input_shape"]), out, opset=opset)
+    # class names (and an audio model's front end) travel inside the file to the device runner
+    write_model_metadata(out, classes=run.get("classes"), normalization=run.get("normalization"))
     parity = check_export(model, out, parity_x)
     stats = onnx_weight_stats(out)
     info = {"path": str(out), "quantized": res.quantized, "opset": opset, "parity": parity.as_dict(),

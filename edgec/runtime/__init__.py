@@ -6,8 +6,14 @@ there::
 
     python -m edgec.runtime model.onnx --input x.npy --topk 3
     python -m edgec.runtime model.onnx --bench --batch 1 --runs 100 --json-out bench.json
+    python -m edgec.runtime kws.onnx --input clip.wav      # audio: log-mel front end, runtime/audio.py
 
 (copied alone as ``runtime/``: ``python -m runtime ...``).
+
+An audio input (.wav/.flac/...) is read, resampled and turned into the model's log-mel input with
+the front end stored in the model's ``metadata_props`` (``edgec.frontend``,
+``edgec.normalization``; written by ``edgec.export.metadata.write_model_metadata``). Class names in
+``edgec.classes`` are printed beside the class indices.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ __all__ = [
     "load_session",
     "main",
     "measure_latency",
+    "model_metadata",
     "peak_rss_mb",
     "predict",
     "softmax",
@@ -189,6 +196,37 @@ def measure_latency(
     }
 
 
+def model_metadata(session: ort.InferenceSession) -> dict:
+    """The model's ``edgec.*`` metadata_props, JSON-decoded, without the prefix ({} if none)."""
+    props = session.get_modelmeta().custom_metadata_map or {}
+    out = {}
+    for key, value in props.items():
+        if key.startswith("edgec."):
+            try:
+                out[key[len("edgec."):]] = json.loads(value)
+            except ValueError as e:
+                raise RunnerError(f"model metadata {key!r} is not valid JSON ({e}); re-export the model") from e
+    return out
+
+
+def audio_input(session: ort.InferenceSession, path: str) -> np.ndarray:
+    """Model input (1, 1, n_mels, frames) for an audio file, with the model's own front end."""
+    from . import audio
+
+    meta = model_metadata(session)
+    if "frontend" not in meta:
+        raise RunnerError(
+            f"the model has no audio front end in its metadata, so {path!r} cannot be turned into "
+            f"its input; write it with edgec.export.metadata.write_model_metadata(model.onnx, "
+            f"normalization=bundle.normalization, classes=bundle.classes), or pass features as .npy"
+        )
+    try:
+        cfg = audio.LogMelConfig.from_dict(meta["frontend"])
+        return audio.features_from_file(path, cfg, meta.get("normalization"))[None]
+    except audio.AudioError as e:
+        raise RunnerError(str(e)) from e
+
+
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax."""
     z = logits - logits.max(axis=axis, keepdims=True)
@@ -268,7 +306,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run or benchmark an ONNX model with onnxruntime (numpy + onnxruntime only).",
     )
     p.add_argument("model", help="path of the .onnx model")
-    p.add_argument("--input", help=".npy file of inputs, shape (N, ...) or a single sample")
+    p.add_argument("--input", help=".npy file of inputs, shape (N, ...) or a single sample; or an "
+                   "audio file (.wav/.flac) for a model with an audio front end in its metadata")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (0 = all cores)")
     p.add_argument(
         "--providers",
@@ -285,9 +324,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_input(path: str) -> np.ndarray:
+def _load_input(path: str, session: ort.InferenceSession | None = None) -> np.ndarray:
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"input file {path!r} does not exist; pass a .npy file (np.save)")
+    from .audio import AUDIO_EXTENSIONS  # numpy only
+
+    if session is not None and path.lower().endswith(AUDIO_EXTENSIONS):
+        return audio_input(session, path)
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:
@@ -299,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     try:
         session = load_session(args.model, threads=args.threads, providers=providers)
-        x = _load_input(args.input) if args.input else None
+        x = _load_input(args.input, session) if args.input else None
         if args.bench:
             result = measure_latency(
                 session, batch=args.batch, warmup=args.warmup, runs=args.runs, sample=x
@@ -331,10 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         probs = probs.reshape(probs.shape[0], -1)
         k = min(args.topk, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        cols = "\t".join(f"class{j + 1}\tprob{j + 1}" for j in range(k))
+        labels = model_metadata(session).get("classes")
+        if not (isinstance(labels, list) and len(labels) == probs.shape[1]):
+            labels = None  # no names: class indices only
+        cols = "\t".join(f"class{j + 1}\t" + (f"label{j + 1}\t" if labels else "") + f"prob{j + 1}"
+                         for j in range(k))
         lines = [f"# sample\t{cols}"]
         for i, row in enumerate(order):
-            lines.append(f"{i}\t" + "\t".join(f"{c}\t{probs[i, c]:.6f}" for c in row))
+            lines.append(f"{i}\t" + "\t".join(f"{c}\t" + (f"{labels[c]}\t" if labels else "")
+                                               + f"{probs[i, c]:.6f}" for c in row))
         print("\n".join(lines))
         return 0
     except (RunnerError, FileNotFoundError) as e:

@@ -37,7 +37,9 @@ def cifar_resnet_params(depth: int, num_classes: int = 10, in_channels: int = 3,
 
 # ---------------------------------------------------------------------------------------- zoo
 def test_list_models():
-    assert list_models() == ["digits_cnn", "resnet8", "resnet20", "resnet32", "resnet56"]
+    assert list_models() == ["bcresnet1", "bcresnet1.5", "bcresnet2", "bcresnet3", "bcresnet6", "bcresnet8",
+                             "bcresnet_asc", "bcresnet_asc_nonorm", "bcresnet_asc_rfn",
+                             "digits_cnn", "resnet8", "resnet20", "resnet32", "resnet56"]
     assert list_models("resnet*") == ["resnet8", "resnet20", "resnet32", "resnet56"]
     assert list_models("*vit*") == []
 

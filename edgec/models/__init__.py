@@ -70,6 +70,26 @@ _add(
         num_classes=10,
     )
 )
+for _tau in ("1", "1.5", "2", "3", "6", "8"):
+    _add(
+        ZooEntry(
+            name=f"bcresnet{_tau}",
+            description=f"BC-ResNet-{_tau} keyword spotting (Kim et al. 2021), 40 log-mels x 1 s",
+            factory=f"edgec.models.bcresnet:bcresnet{_tau.replace('.', '_')}",
+            input_shape=(1, 40, 101),
+            num_classes=12,
+        )
+    )
+for _suffix, _norm in (("", "ResNorm"), ("_rfn", "RFN"), ("_nonorm", "no freq. norm")):
+    _add(
+        ZooEntry(
+            name=f"bcresnet_asc{_suffix}",
+            description=f"BC-ResNet-ASC (c=80) acoustic scenes, {_norm}; 40 log-mels x 10 s (mels % 40 == 0)",
+            factory=f"edgec.models.bcresnet:bcresnet_asc{_suffix}",
+            input_shape=(1, 40, 1001),
+            num_classes=10,
+        )
+    )
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU wheel; a torch range admitting 2.14+ would pull a multi-GB CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
+	# reference attacks the tests compare edgec.attacks with; --no-deps: its torchvision requirement
+	# is metadata only (never imported), and torchvision does not load beside the CPU torch
+	$(PY) -m pip install -q --no-deps "torchattacks==3.5.1"
 	touch $@
 
 demo: install

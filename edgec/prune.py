@@ -49,16 +49,24 @@ def cubic_sparsity(step: int, ramp_steps: int, final: float, initial: float = 0.
 
 @torch.no_grad()
 def update_masks(layers: list[tuple[str, nn.Module]], sparsity: float, *, scope: str = "global",
-                 score: str = "magnitude") -> None:
-    """Set masks so that exactly round(sparsity * n) weights are zero (globally or per layer)."""
-    score_fn = SCORES.get(score)
+                 score: str = "magnitude", scores: list[Tensor] | None = None) -> None:
+    """Set masks so that exactly round(sparsity * n) weights are zero (globally or per layer).
+
+    ``scores`` (one tensor per layer, e.g. from ``edgec.importance.compute_scores``) replaces the
+    named data-free ``score``. Already-pruned weights score 0, so they stay pruned.
+    """
     ensure_masks(layers)
+    if scores is None:
+        score_fn = SCORES.get(score)
+        scores = [score_fn(m) for _, m in layers]
+    elif len(scores) != len(layers) or any(s.shape != m.weight.shape for s, (_, m) in zip(scores, layers)):
+        raise ValueError("update_masks: need one score tensor per layer, shaped like its weight")
+    scores = [s.to(m.weight_mask.device) * m.weight_mask for s, (_, m) in zip(scores, layers)]
     if scope == "layer":
-        for _, m in layers:
-            _mask_smallest([m], [score_fn(m) * m.weight_mask], sparsity)
+        for (_, m), s in zip(layers, scores):
+            _mask_smallest([m], [s], sparsity)
     else:
-        mods = [m for _, m in layers]
-        _mask_smallest(mods, [score_fn(m) * m.weight_mask for m in mods], sparsity)
+        _mask_smallest([m for _, m in layers], scores, sparsity)
 
 
 def _mask_smallest(mods: list[nn.Module], scores: list[Tensor], sparsity: float) -> None:

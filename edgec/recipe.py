@@ -58,6 +58,20 @@ class KD(_Strict):
     calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out for T_c")
 
 
+class Adversarial(_Strict):
+    """Adversarial training (PGD-AT, Madry et al.): train on attacks of each batch (edgec.attacks).
+
+    eps and step are in pixel units ([0, 1] scale), whatever the data's normalisation."""
+
+    attack: Literal["pgd", "fgsm"] = "pgd"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(8 / 255, ge=0, description="radius of the perturbation ball, pixel units")
+    step: float | None = Field(None, gt=0, description="PGD step size, pixel units (default: eps/4)")
+    steps: int = Field(10, ge=1, description="PGD iterations (fgsm: one step of size eps)")
+    random_start: bool = Field(True, description="PGD starts at a random point of the ball")
+    ratio: float = Field(1.0, ge=0, le=1, description="loss = (1-ratio)*clean + ratio*adversarial (1 = pure PGD-AT)")
+
+
 class Quant(_Strict):
     weight_bits: int = Field(8, ge=2, le=8)
     act_bits: int = Field(8, ge=2, le=8)
@@ -74,6 +88,7 @@ class Quant(_Strict):
 class TrainStage(Optim):
     method: Literal["train"]
     kd: KD | None = None
+    adversarial: Adversarial | None = None
 
 
 class DistillStage(Optim):
@@ -89,6 +104,9 @@ class PruneStage(Optim):
     ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of the stage's steps over which sparsity ramps")
     update_every: int = Field(16, ge=1, description="recompute masks every k steps")
     prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    importance: Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"] = Field(
+        "magnitude", description="importance score (edgec.importance); data-aware ones use importance_batches")
+    importance_batches: int = Field(4, ge=1, description="training batches per mask update for data-aware scores")
     kd: KD | None = None
 
 
@@ -165,11 +183,37 @@ class PQKStage(Optim, Quant):
     kd_lr: float | None = Field(None, gt=0, description="phase-2 lr (default: lr)")
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage, QKDStage, PQKStage],
+class EEDStage(Optim):
+    """Efficient Ensemble Defense (METHODS.md section 5): K sub-models of the input model pruned by K
+    importance scores, adversarially fine-tuned together for robustness and diversity; at inference
+    they run in order and stop early (threshold calibrated on held-out data)."""
+
+    method: Literal["eed"]
+    scores: list[Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"]] = Field(
+        ["magnitude", "taylor", "fisher"], min_length=2, description="one importance score per sub-model (K = len)")
+    target_sparsity: float = Field(0.5, ge=0, lt=1, description="unstructured sparsity of each sub-model")
+    scope: Literal["global", "layer"] = "global"
+    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    importance_batches: int = Field(4, ge=1, description="training batches for the data-aware scores")
+    adversarial: Adversarial = Field(default_factory=lambda: Adversarial(step=2 / 255),
+                                     description="attack against the ensemble for training (PGD-AT default)")
+    diversity: float = Field(0.5, ge=0, description="weight of the pairwise similarity of the members' "
+                                                     "non-true-class predictions on adversarial examples")
+    misclassified_weight: float = Field(1.0, ge=0, description="extra CE weight of samples the ensemble gets wrong")
+    l1: float = Field(1e-5, ge=0, description="weight of the L1 norm of the kept weights")
+    calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out to set the threshold")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="held-out accuracy the dynamic ensemble must "
+                                                                        "reach (default: full ensemble - tolerance)")
+    accuracy_tolerance: float = Field(0.0, ge=0, lt=1)
+    agree: int | None = Field(None, ge=2, description="also stop when the first `agree` sub-models agree")
+
+
+Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage, QKDStage, PQKStage,
+                        EEDStage],
                   Field(discriminator="method")]
 
 
-METHODS = ("train", "distill", "prune", "qat", "ptq", "psg", "qkd", "pqk")
+METHODS = ("train", "distill", "prune", "qat", "ptq", "psg", "qkd", "pqk", "eed")
 QUANT_METHODS = ("qat", "ptq", "qkd", "pqk")  # stages that quantize: at most one per recipe
 
 

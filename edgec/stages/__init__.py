@@ -19,7 +19,7 @@ HANDLERS: Registry[Handler] = Registry("stage method")
 
 def get_handler(method: str) -> Handler:
     if method not in HANDLERS:
-        from edgec.stages import pqk, prune, psg, ptq, qat, qkd, train  # noqa: F401  (registration side effects)
+        from edgec.stages import eed, pqk, prune, psg, ptq, qat, qkd, train  # noqa: F401  (registration side effects)
 
     return HANDLERS.get(method)
 

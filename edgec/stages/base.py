@@ -133,6 +133,12 @@ def train_stage(model: nn.Module, cfg: Any, ctx: StageContext, *, hooks_extra: d
             zt = teacher(x) / t_c
         return kd_objective(z, zt, y, tau=kd.temperature, alpha=kd.alpha), z
 
+    adv = getattr(cfg, "adversarial", None)
+    if adv is not None:  # PGD-AT around whatever the loss is (CE or KD); attack noise from the global RNG
+        from edgec.attacks import Attack, InputSpace, adversarial_loss
+
+        loss_fn = adversarial_loss(loss_fn, Attack.from_config(adv), InputSpace.from_bundle(ctx.data), ratio=adv.ratio)
+
     masked = bool(P.masked_layers(model))
     extra = hooks_extra or {}
     after_backward = extra.get("after_backward")

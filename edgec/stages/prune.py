@@ -1,9 +1,23 @@
-"""``prune``: unstructured magnitude pruning to a target sparsity on the cubic (AGP) schedule."""
+"""``prune``: unstructured pruning to a target sparsity on the cubic (AGP) schedule, by an importance
+score from edgec.importance (default magnitude)."""
 from __future__ import annotations
 
 from edgec import prune as P
 from edgec.stages import HANDLERS
 from edgec.stages.base import steps_per_epoch, train_stage
+
+
+def _scores(model, layers, cfg, ctx, step: int):
+    """Precomputed scores for ``cfg.importance`` (None: magnitude, computed by update_masks itself)."""
+    if cfg.importance == "magnitude":
+        return None
+    from edgec import importance as I
+
+    batches = None
+    if cfg.importance in I.DATA_AWARE:  # seeded by the step: identical on every rank and on resume
+        batches = I.sample_batches(ctx.data.train, cfg.importance_batches, cfg.batch_size,
+                                   seed=ctx.seed + 1000 * ctx.index + step + 1)
+    return I.compute_scores(cfg.importance, model, layers, batches=batches, seed=ctx.seed + ctx.index)
 
 
 class PruneHandler:
@@ -22,7 +36,8 @@ class PruneHandler:
 
         def on_step_start(step: int) -> None:
             if step % cfg.update_every == 0 or step == ramp:
-                P.update_masks(layers, P.cubic_sparsity(step, ramp, cfg.target_sparsity), scope=cfg.scope)
+                P.update_masks(layers, P.cubic_sparsity(step, ramp, cfg.target_sparsity), scope=cfg.scope,
+                               scores=_scores(model, layers, cfg, ctx, step))
                 P.apply_masks(model)
 
         on_step_start(0)
@@ -32,7 +47,8 @@ class PruneHandler:
     def convert(self, model, cfg, ctx):
         if not ctx.rebuild:
             layers = P.prunable_layers(model, include_first_last=cfg.prune_first_last)
-            P.update_masks(layers, cfg.target_sparsity, scope=cfg.scope)  # exactly the target
+            P.update_masks(layers, cfg.target_sparsity, scope=cfg.scope,  # exactly the target
+                           scores=_scores(model, layers, cfg, ctx, -1))
             P.apply_masks(model)
         return model
 

@@ -1,0 +1,191 @@
+"""``eed``: Efficient Ensemble Defense (Jung & Song, CVPR 2025; METHODS.md section 5).
+
+From ONE input model (preferably adversarially trained, e.g. a ``train`` stage with
+``adversarial:``), read top to bottom:
+
+1. prepare: K copies of the model in an :class:`Ensemble` (K = ``len(cfg.scores)``).
+2. masks: member k keeps the weights ranked highest by importance score ``cfg.scores[k]``
+   (``edgec.importance``: magnitude, taylor, snip, fisher, ...), exactly ``target_sparsity`` pruned.
+3. fine-tune all members together with the shared engine on adversarial examples of the *ensemble*
+   (PGD by default, pixel-space eps), with the loss of :func:`eed_loss`:
+   ``mean_k CE_w(f_k(x_adv), y) + diversity * sim(x_adv) + l1 * sum |w|``, where ``CE_w`` weights
+   samples the ensemble misclassifies by ``1 + misclassified_weight`` and ``sim`` is the mean
+   pairwise cosine similarity of the members' non-true-class probabilities (pushing members to
+   make different mistakes, ADP-style).
+4. calibrate: on a held-out share of the training data (excluded from fine-tuning), the smallest
+   early-exit threshold whose dynamic accuracy reaches the full ensemble's (minus a tolerance);
+   stored in the model (``threshold`` buffer) and in the run's metrics.
+
+The stage's output model is the full ensemble (forward = log of the averaged probabilities, so it
+exports as one ONNX graph). :func:`export_dynamic` writes the deployable dynamic artifact: one ONNX
+graph per member plus ``ensemble.json`` for :class:`edgec.runtime.ensemble.DynamicEnsemble`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgec import importance as I
+from edgec import prune as P
+from edgec.attacks import Attack, InputSpace
+from edgec.data import holdout_split
+from edgec.stages import HANDLERS
+from edgec.stages.base import _subset, train_config
+
+
+class Ensemble(nn.Module):
+    """K member networks; ``forward(x)`` = log of their averaged softmax (the full ensemble),
+    ``forward(x, members=True)`` = the members' logits stacked (K, N, C)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("threshold", torch.tensor(float("inf")))  # calibrated early-exit threshold
+
+    def forward(self, x: Tensor, members: bool = False) -> Tensor:
+        zs = torch.stack([m(x) for m in self.members])
+        if members:
+            return zs
+        return torch.log(F.softmax(zs.float(), dim=-1).mean(0).clamp_min(1e-12))
+
+
+def diversity_loss(member_logits: Tensor, y: Tensor) -> Tensor:
+    """Mean pairwise cosine similarity of the members' probability vectors with the true class
+    removed (K, N, C logits): 0 when members spread their wrong-class mass differently."""
+    q = F.softmax(member_logits.float(), dim=-1) * (1 - F.one_hot(y, member_logits.shape[-1]).float())
+    q = F.normalize(q, dim=-1)
+    k = q.shape[0]
+    sims = [(q[i] * q[j]).sum(-1).mean() for i in range(k) for j in range(i + 1, k)]
+    return torch.stack(sims).mean()
+
+
+def l1_of_kept(net: nn.Module) -> Tensor:
+    return sum(m.weight.abs().sum() for m in P.masked_layers(net))
+
+
+def eed_loss(m: nn.Module, x: Tensor, y: Tensor, *, attack: Attack, space: InputSpace, ratio: float,
+             diversity: float, misclassified_weight: float, l1: float) -> tuple[Tensor, Tensor]:
+    """The EED objective on one batch; ``m`` is the Ensemble (or its DDP wrapper)."""
+    net = m.module if hasattr(m, "module") and isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+    x_adv = attack(net, x, y, space)  # against the whole ensemble, model in eval mode
+    zs = m(x_adv, True)  # (K, N, C), in training mode
+    probs = F.softmax(zs.float(), dim=-1).mean(0)
+    w = 1.0 + misclassified_weight * (probs.argmax(-1) != y).float().detach()
+    ce = torch.stack([(F.cross_entropy(z.float(), y, reduction="none") * w).mean() for z in zs]).mean()
+    if ratio < 1.0:
+        ce_clean = torch.stack([F.cross_entropy(z.float(), y) for z in m(x, True)]).mean()
+        ce = ratio * ce + (1.0 - ratio) * ce_clean
+    loss = ce
+    if diversity > 0:
+        loss = loss + diversity * diversity_loss(zs, y)
+    if l1 > 0:
+        loss = loss + l1 * l1_of_kept(net)
+    return loss, torch.log(probs.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def member_probs(model: Ensemble, dataset, device, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(K, N, C) member probabilities and (N,) labels on ``dataset``, eval mode."""
+    modes = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    ps, ys = [], []
+    try:
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            ps.append(F.softmax(model(x.to(device), True).float(), dim=-1).cpu())
+            ys.append(y)
+    finally:
+        for mod, mode in modes:
+            mod.training = mode
+    return torch.cat(ps, dim=1), torch.cat(ys)
+
+
+class EEDHandler:
+    def prepare(self, model, cfg, ctx):
+        members = [copy.deepcopy(model) for _ in cfg.scores]
+        for mem in members:
+            P.ensure_masks(P.prunable_layers(mem, include_first_last=cfg.prune_first_last))
+        return Ensemble(members).to(next(model.parameters()).device)
+
+    def run(self, model: Ensemble, cfg, ctx):
+        from edgec.engine import Hooks, fit
+        from edgec.runtime.ensemble import calibrate_threshold, early_exit
+
+        train_set, held = holdout_split(ctx.data.train, cfg.calibration_fraction, seed=ctx.seed)
+        train_set = _subset(train_set, cfg.max_train_samples, ctx.seed)
+
+        # 2. one importance score per member, on the same few batches
+        batches = I.sample_batches(train_set, cfg.importance_batches, cfg.batch_size, seed=ctx.seed + ctx.index)
+        for k, (score, mem) in enumerate(zip(cfg.scores, model.members)):
+            layers = P.prunable_layers(mem, include_first_last=cfg.prune_first_last)
+            scores = I.compute_scores(score, mem, layers, batches=batches, seed=ctx.seed + k)
+            # weights the input model had already pruned stay pruned (their score is masked to 0)
+            P.update_masks(layers, cfg.target_sparsity, scope=cfg.scope, scores=scores)
+        P.apply_masks(model)
+        pruned = [[m.weight_mask for m in P.masked_layers(mem)] for mem in model.members]
+        overlaps = [I.mask_overlap(pruned[i], pruned[j]) for i in range(len(pruned)) for j in range(i + 1, len(pruned))]
+        ctx.record(event="eed_masks", scores=list(cfg.scores), sparsity=cfg.target_sparsity, pruned_overlap=overlaps)
+        ctx.log(f"eed: {len(cfg.scores)} sub-models ({', '.join(cfg.scores)}) at sparsity {cfg.target_sparsity}; "
+                f"pruned-set overlaps {[round(o, 3) for o in overlaps]}")
+
+        # 3. adversarial fine-tuning of all members together
+        attack, space = Attack.from_config(cfg.adversarial), InputSpace.from_bundle(ctx.data)
+
+        def loss_fn(m, x, y):
+            return eed_loss(m, x, y, attack=attack, space=space, ratio=cfg.adversarial.ratio,
+                            diversity=cfg.diversity, misclassified_weight=cfg.misclassified_weight, l1=cfg.l1)
+
+        metrics = {}
+        if cfg.epochs > 0:
+            hooks = Hooks(after_backward=lambda: P.mask_gradients(model), after_step=lambda: P.apply_masks(model))
+            metrics = fit(model, loss_fn=loss_fn, train_set=train_set, eval_set=ctx.data.eval,
+                          cfg=train_config(cfg, ctx), ckpt_path=ctx.ckpt_path, resume=ctx.resume, hooks=hooks,
+                          augment=ctx.data.augment, metrics_path=ctx.metrics_path, desc=f"stage {ctx.index} eed",
+                          dist=ctx.dist)
+
+        # 4. early-exit threshold on held-out data
+        probs, labels = member_probs(model, held, ctx.device)
+        cal = calibrate_threshold(probs.numpy(), labels.numpy(), target_accuracy=cfg.target_accuracy,
+                                  tolerance=cfg.accuracy_tolerance, agree=cfg.agree)
+        model.threshold.fill_(cal["threshold"])
+        member_acc = [float((p.argmax(-1) == labels).float().mean()) for p in probs]
+        _, used, _ = early_exit(probs.numpy(), threshold=cal["threshold"], agree=cfg.agree)
+        ctx.record(event="eed_calibration", held_out=len(held), member_accuracy=member_acc, **cal)
+        ctx.log(f"eed: held-out ({len(held)}) member acc {[round(a, 3) for a in member_acc]}, full ensemble "
+                f"{cal['full_accuracy']:.3f}; threshold {cal['threshold']:.4f} -> dynamic acc {cal['accuracy']:.3f} "
+                f"with {float(used.mean()):.2f} of {len(cfg.scores)} sub-models on average")
+        return {**metrics, "eed_threshold": cal["threshold"], "eed_avg_members": cal["avg_members"],
+                "eed_heldout_full_acc": cal["full_accuracy"], "eed_heldout_dynamic_acc": cal["accuracy"]}
+
+    def convert(self, model, cfg, ctx):
+        return model
+
+
+HANDLERS.add("eed", EEDHandler())
+
+
+def export_dynamic(model: Ensemble, input_shape: tuple[int, ...], out_dir: Path, *, agree: int | None = None,
+                   opset: int = 17, meta: dict | None = None) -> Path:
+    """Write ``member{k}.onnx`` per member and ``ensemble.json`` (threshold, agree) to ``out_dir``:
+    the deployable dynamic ensemble for :class:`edgec.runtime.ensemble.DynamicEnsemble`."""
+    from edgec.atomic import atomic_write_text
+    from edgec.export.onnx_export import export_onnx
+    from edgec.runtime.ensemble import MANIFEST
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k, mem in enumerate(model.members):
+        name = f"member{k}.onnx"
+        export_onnx(mem, tuple(input_shape), out_dir / name, opset=opset)
+        names.append(name)
+    thr = float(model.threshold)
+    manifest = {"format": "edgec-dynamic-ensemble", "version": 1, "members": names,
+                "threshold": thr if thr != float("inf") else None, "agree": agree,
+                "input_shape": list(input_shape), **(meta or {})}
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    return out_dir

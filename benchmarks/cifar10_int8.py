@@ -30,6 +30,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def cifar10_root() -> Path | None:
+    """$EDGEC_DATA/cifar10, or None after saying why (benchmarks never assume the data)."""
+    root = os.environ.get("EDGEC_DATA")
+    if not root or not (Path(root) / "cifar10").is_dir():
+        print("EDGEC_DATA must point at a folder with cifar10/ (e.g. ../shared/data); nothing to do", file=sys.stderr)
+        return None
+    os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
+    return Path(root) / "cifar10"
+
+
 def train_baseline(data, epochs: int, seed: int, path: Path, max_train: int | None):
     import torch
 
@@ -117,11 +127,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (median reported)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    root = os.environ.get("EDGEC_DATA")
-    if not root or not (Path(root) / "cifar10").is_dir():
-        print("EDGEC_DATA must point at a folder with cifar10/ (e.g. ../shared/data); nothing to do", file=sys.stderr)
+    root = cifar10_root()
+    if root is None:
         return 2
-    os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
     import numpy as np
     import torch
 
@@ -134,7 +142,7 @@ def main() -> int:
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    spec = f"cifar10:{Path(root) / 'cifar10'}"
+    spec = f"cifar10:{root}"
     t0 = time.perf_counter()
     data = load_data(spec, seed=args.seed)
     ex, ey = to_numpy(data.eval, limit=args.eval_samples)

@@ -15,7 +15,8 @@ LogMelConfig.to_dict()}`` -- everything an export needs to write into the ONNX m
 (``edgec.export.metadata.write_model_metadata``) so ``python -m edgec.runtime model.onnx --input clip.wav``
 reproduces the preprocessing. ``bundle.groups`` holds per-sample metadata of the *eval* split
 (numpy string arrays aligned with ``bundle.eval``): ``file`` (path relative to the data root),
-``speaker`` (speechcommands, fsdd) or ``device``, ``city``, ``identifier`` (tau2020mobile).
+``speaker`` (speechcommands, fsdd) or ``device``, ``city``, ``identifier`` (tau2020mobile), and
+``speaker_seen`` / ``device_seen`` ("seen" / "unseen": whether the training clips include it).
 
 Options (all kinds):
     front end:  sample_rate, clip_seconds, n_fft, win_length, hop_length, n_mels, f_min, f_max
@@ -687,8 +688,20 @@ def load_audio_data(kind: str, arg: str, *, seed: int = 0, max_train: int | None
         classes=classes,
         augment=augment,
         normalization={"mean": [mean], "std": [std], "features": "logmel", "frontend": cfg.to_dict()},
-        groups={**{k: v[iev] for k, v in evald.groups.items()}, "file": _file_names(evald.take(iev), path)},
+        groups={**{k: v[iev] for k, v in evald.groups.items()}, **_seen_groups(train, itr, evald, iev),
+                "file": _file_names(evald.take(iev), path)},
     )
+
+
+def _seen_groups(train: _Clips, itr: np.ndarray, evald: _Clips, iev: np.ndarray) -> dict[str, np.ndarray]:
+    """``device_seen`` / ``speaker_seen``: "seen" when the eval sample's device (speaker) occurs among
+    the training clips used, else "unseen" (TAU 2020: devices s4-s6 appear only in the eval fold)."""
+    out = {}
+    for key in ("device", "speaker"):
+        if key in train.groups and key in evald.groups:
+            seen = np.isin(evald.groups[key][iev], np.unique(train.groups[key][itr]))
+            out[f"{key}_seen"] = np.where(seen, "seen", "unseen").astype(str)
+    return out
 
 
 def _file_names(clips: _Clips, path: str) -> np.ndarray:

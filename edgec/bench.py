@@ -31,6 +31,16 @@ _WEIGHT_OPS: dict[str, tuple[tuple[int, ...], int | None]] = {
     "Gemm": ((0, 1), 2),
     "MatMul": ((0, 1), None),
 }
+# normalisations left in the graph (not folded into a conv, e.g. SubSpectralNorm's BatchNorm in a float
+# export or a QAT run without norm_bits): their parameter inputs are counted as stored
+_NORM_OPS: dict[str, tuple[int, ...]] = {
+    "BatchNormalization": (1, 2, 3, 4),
+    "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+}
+# elementwise ops whose inputs count when they are stored integer tensors (DequantizeLinear of an
+# initializer): quantized norms (edgec.quant.modules.QChannelAffine -> DQ(int8) -> Mul / Add)
+_QUANTIZED_ELEMENTWISE = ("Mul", "Add")
 # single-input ops a weight may pass through on its way to the consumer (input 0 is the data)
 _PASS_THROUGH = {"Identity", "Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Clip", "Flatten"}
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -90,7 +100,10 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
     (its stored int8/uint8/int4 tensor counts, with the zero point as "zero"), through
     QuantizeLinear->DequantizeLinear (counted at the quantized type's width), or through
     layout ops (Transpose/Reshape/Cast/Clip/...). Bias inputs (third input of Conv/ConvTranspose/
-    Gemm) are counted at 32 bits. Each tensor is counted once even if shared.
+    Gemm) are counted at 32 bits. Parameters of normalisations left in the graph (BatchNormalization
+    scale/bias/mean/variance, Instance-/LayerNormalization scale/bias) count as stored (float32), and
+    so do the int8 scale/shift of quantized norms (DequantizeLinear of an initializer feeding Mul/Add).
+    Each tensor is counted once even if shared.
 
     Returns ``params_nonzero``, ``params_total``, ``sparsity`` (1 - nonzero/total),
     ``weight_bytes_deployed`` (sum over tensors of ceil(nonzero * bits / 8); index overhead
@@ -187,12 +200,19 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
     qparam_names: set[str] = set()
     for node in graph.node:
         spec = _WEIGHT_OPS.get(node.op_type)
-        if spec is None:
+        if spec is not None:
+            weight_idx, bias_idx = spec
+            picks = [(i, None) for i in weight_idx if i < len(node.input) and node.input[i]]
+            if bias_idx is not None and bias_idx < len(node.input) and node.input[bias_idx]:
+                picks.append((bias_idx, 32))
+        elif node.op_type in _NORM_OPS:
+            picks = [(i, None) for i in _NORM_OPS[node.op_type] if i < len(node.input) and node.input[i]]
+        elif node.op_type in _QUANTIZED_ELEMENTWISE:
+            picks = [(i, None) for i, name in enumerate(node.input)
+                     if (p := producer.get(name)) is not None and p.op_type == "DequantizeLinear"
+                     and p.input and p.input[0] in consts]
+        else:
             continue
-        weight_idx, bias_idx = spec
-        picks = [(i, None) for i in weight_idx if i < len(node.input) and node.input[i]]
-        if bias_idx is not None and bias_idx < len(node.input) and node.input[bias_idx]:
-            picks.append((bias_idx, 32))
         for idx, forced in picks:
             got = resolve(node.input[idx])
             if got is None:
@@ -268,7 +288,7 @@ def _run_runner(model: Path, *, threads: int, batch: int, warmup: int, runs: int
         return json.loads(out.read_text())
 
 
-def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]) -> tuple[float, int]:
+def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]) -> tuple[float, int, np.ndarray]:
     from edgec import runtime
 
     x = np.asarray(eval_x)
@@ -289,7 +309,7 @@ def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]
     except (runtime.RunnerError, FileNotFoundError) as e:
         raise InputError(str(e)) from e
     pred = logits.reshape(logits.shape[0], -1).argmax(axis=1)
-    return float(np.mean(pred == y)), int(y.shape[0])
+    return float(np.mean(pred == y)), int(y.shape[0]), pred
 
 
 def bench(
@@ -303,8 +323,12 @@ def bench(
     runs: int = 100,
     providers: list[str] | None = None,
     budget_ms: float | None = None,
+    eval_groups: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Latency (isolated subprocess), accuracy (in-process, when eval data given) and size.
+
+    ``eval_groups`` (per-sample arrays aligned with ``eval_y``, e.g. ``{"device": ...}``) adds
+    ``accuracy_by_group`` (:func:`edgec.groups.group_accuracy`).
 
     Raises :class:`BudgetExceeded` (with the full results on ``err.results``) when
     ``budget_ms`` is given and the p50 latency is above it.
@@ -331,9 +355,13 @@ def bench(
     stats = onnx_weight_stats(model)
     lat = _run_runner(model, threads=threads, batch=batch, warmup=warmup, runs=runs,
                       providers=providers)
-    accuracy, samples = None, 0
+    accuracy, samples, by_group = None, 0, None
     if eval_x is not None:
-        accuracy, samples = _accuracy(model, eval_x, eval_y, threads=threads, providers=providers)
+        accuracy, samples, pred = _accuracy(model, eval_x, eval_y, threads=threads, providers=providers)
+        if eval_groups:
+            from edgec.groups import group_accuracy
+
+            by_group = group_accuracy(pred, eval_y, eval_groups)
 
     results: dict[str, Any] = {
         "model": str(model),
@@ -348,6 +376,7 @@ def bench(
         "peak_rss_mb": lat.get("peak_rss_mb"),
         "accuracy": accuracy,
         "samples": samples,
+        "accuracy_by_group": by_group,
         "file_bytes": model.stat().st_size,
         "weight_bytes_deployed": stats["weight_bytes_deployed"],
         "sparse_index_bytes": stats["sparse_index_bytes"],

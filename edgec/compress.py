@@ -75,6 +75,21 @@ def resolve_teachers(recipe: Recipe, input_model, *, num_classes: int, in_channe
     return teachers
 
 
+def check_byte_budgets(recipe: Recipe, model) -> None:
+    """Every ``prune`` stage's ``target_bytes`` must be reachable by pruning this model (checked before
+    any training; raises RecipeError naming what takes the bytes)."""
+    from edgec.budget import deployment_norm_bits, plan_bytes
+    from edgec.errors import RecipeError
+
+    for i, st in enumerate(recipe.stages):
+        if st.method == "prune" and st.target_bytes is not None:
+            try:
+                plan_bytes(model, target_bytes=st.target_bytes, deployed_bits=st.deployed_bits,
+                           norm_bits=deployment_norm_bits(recipe), include_first_last=st.prune_first_last)
+            except RecipeError as e:
+                raise RecipeError(f"stages.{i}.target_bytes: {e.message}", hint=e.hint) from e
+
+
 def compress(req: CompressRequest, *, console=None) -> Path:
     """Run a compression recipe end to end; returns the run directory."""
     import torch
@@ -96,6 +111,7 @@ def compress(req: CompressRequest, *, console=None) -> Path:
                         trust_pickle=req.trust_pickle)
     teachers = resolve_teachers(recipe, model, num_classes=num_classes, in_channels=in_channels,
                                 trust_pickle=req.trust_pickle)
+    check_byte_budgets(recipe, model)
     dist = init_distributed(req.device)
     identity = {"model": _abs_spec(req.model), "data": _abs_data(req.data),
                 "weights_sha256": file_sha256(Path(req.weights)) if req.weights else None,
@@ -139,7 +155,7 @@ def compress(req: CompressRequest, *, console=None) -> Path:
         handler = get_handler(cfg.method)
         ctx = StageContext(index=i, data=data, target=target, seed=recipe.seed, run_dir=run_dir, dist=dist,
                            input_model=teachers.get(i), teachers=teachers, resume=req.resume and i == done,
-                           rebuild=i < done, log=log)
+                           rebuild=i < done, log=log, recipe=recipe)
         model = handler.prepare(model, cfg, ctx)
         if i < done:
             if i == done - 1:
@@ -192,7 +208,8 @@ def rebuild_model(run_dir: Path, which: str = "final"):
     dist = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for i, cfg in enumerate(recipe.stages):
         ctx = StageContext(index=i, data=None, target=get_target(recipe.target), seed=recipe.seed,
-                           run_dir=Path(run_dir), dist=dist, input_model=None, rebuild=True, log=lambda *a: None)
+                           run_dir=Path(run_dir), dist=dist, input_model=None, rebuild=True, log=lambda *a: None,
+                           recipe=recipe)
         model = get_handler(cfg.method).prepare(model, cfg, ctx)
     model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
     return model.eval()

@@ -26,3 +26,14 @@ def run_cli(capsys, *args: str) -> Result:
         sys.argv = old
     cap = capsys.readouterr()
     return Result(code, cap.out, cap.err)
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for ``python -m edgec ...`` / ``python -c`` children: this checkout first on the path."""
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ, **extra)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env

@@ -57,3 +57,10 @@ def edgec_data() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("real datasets not available: set EDGEC_DATA (CI sets ../shared/data)")
     return Path(root)
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """A test's own decode/feature cache: nothing is written under ~/.cache (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("private_cache")``)."""
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path_factory.mktemp("edgec-cache")))

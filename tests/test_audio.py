@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_util import subprocess_env
 import soundfile as sf
 import torch
 
@@ -53,15 +54,9 @@ def _assert_logmel_close(a: np.ndarray, b: np.ndarray) -> None:
     assert energy.mean() > 0.05 and diff[energy].max() < ATOL_LOGMEL_ENERGY, diff[energy].max()
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path_factory.mktemp("edgec-cache")))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 def _tone(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:
@@ -145,7 +140,7 @@ def test_runtime_audio_does_not_import_torch():
     code = ("import sys, numpy as np; import edgec.runtime.audio as a; "
             "a.log_mel(np.ones(16000) * 0.1); import edgec.runtime; "
             "assert 'torch' not in sys.modules, 'runtime audio imported torch'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
 
 
@@ -162,7 +157,7 @@ def test_wav_read_without_soundfile_and_resampling(tmp_path):
     assert abs(np.fft.rfftfreq(8000, 1 / 16000)[spec.argmax()] - 1000.0) <= 2.0
     code = ("import sys, numpy as np; sys.modules['soundfile'] = None; import edgec.runtime.audio as a; "
             f"np.save({str(tmp_path / 'f.npy')!r}, a.features_from_file({str(tmp_path / 'c16k.wav')!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(np.load(tmp_path / "f.npy"), ra.features_from_file(tmp_path / "c16k.wav"), atol=1e-6)
 
@@ -190,7 +185,8 @@ def test_speechcommands_bundle_real_subset_matches_runner_features(edgec_data):
     assert b.classes == list(SPEECHCOMMANDS_CLASSES) and b.num_classes == 12
     assert b.input_shape == (1, 40, 101) and len(b.train) == 240 and len(b.eval) == 60
     assert b.normalization["frontend"] == ra.LogMelConfig().to_dict() and b.normalization["std"][0] > 0
-    assert set(b.groups) == {"speaker", "file"} and len(b.groups["speaker"]) == 60
+    assert set(b.groups) == {"speaker", "speaker_seen", "file"} and len(b.groups["speaker"]) == 60
+    assert set(b.groups["speaker_seen"]) == {"unseen"}  # the split is speaker-disjoint
     # what the device runner computes from the file is exactly the bundle's sample
     for i in (0, 33):
         x, y = b.eval[i]
@@ -486,7 +482,7 @@ def test_runner_classifies_wav_and_flac_end_to_end(tmp_path):
     # a model without front-end metadata cannot take audio: the runner says how to fix it
     sf.write(tmp_path / "clip.wav", _tone(700.0, 0.7, 8000, 0.3), 8000, subtype="PCM_16")
     proc = subprocess.run([sys.executable, "-m", "edgec.runtime", str(path), "--input", str(tmp_path / "clip.wav")],
-                          capture_output=True, text=True, env=_env())
+                          capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2 and "write_model_metadata" in proc.stderr
 
     import onnx
@@ -505,7 +501,7 @@ def test_runner_classifies_wav_and_flac_end_to_end(tmp_path):
     sf.write(tmp_path / "noise.flac", (0.2 * rng.standard_normal(20000)).astype(np.float32), 16000)
     for clip in ("clip.wav", "noise.flac"):
         proc = subprocess.run([sys.executable, "-m", "edgec.runtime", str(path), "--input", str(tmp_path / clip),
-                               "--topk", "2"], capture_output=True, text=True, env=_env())
+                               "--topk", "2"], capture_output=True, text=True, env=subprocess_env())
         assert proc.returncode == 0, proc.stderr
         header, row = proc.stdout.strip().splitlines()
         assert header == "# sample\tclass1\tlabel1\tprob1\tclass2\tlabel2\tprob2"

@@ -33,10 +33,7 @@ from edgec.data import (
 from edgec.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own decode cache: nothing is written under ~/.cache."""
-    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path_factory.mktemp("edgec-cache")))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # --------------------------------------------------------------------------------------------

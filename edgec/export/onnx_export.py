@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgec.errors import ExportError
-from edgec.quant.modules import QUANT_MODULES, ActQuant, QConv2d
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QChannelAffine, QConv2d
 
 
 @dataclass
@@ -30,6 +30,22 @@ class _WeightQ:
     scale: np.ndarray  # per output channel
     qmin: int
     qmax: int
+
+
+class _AffineExport(nn.Module):
+    """``x * a + b`` with ``a``/``b`` already on their grids, shaped (1, C, 1, ...) for the input rank so
+    the exporter keeps them as named initializers (then rewritten as int8 + DequantizeLinear)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, rank: int):
+        super().__init__()
+        shape = (1, a.numel()) + (1,) * (rank - 2)
+        self.a = nn.Parameter(a.detach().clone().reshape(shape))
+        self.b = nn.Parameter(b.detach().clone().reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.a.dim():
+            raise ExportError(f"a quantized norm was exported for rank-{self.a.dim()} inputs but got rank {x.dim()}")
+        return x * self.a + self.b
 
 
 @dataclass
@@ -44,12 +60,24 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (*QUANT_MODULES, ActQuant)) for m in model.modules())
 
 
-def _export_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _WeightQ]]:
-    """Plain float modules holding the already-quantized weights; ActQuants switched to Q/DQ."""
+def _export_copy(model: nn.Module, rank: int = 4) -> tuple[nn.Module, dict[str, _WeightQ]]:
+    """Plain float modules holding the already-quantized weights; ActQuants switched to Q/DQ.
+
+    ``rank``: the rank of the tensors quantized norms see (the model input's, for image/spectrogram
+    models), so their scale and shift are shaped to broadcast without a Reshape.
+    """
     m = copy.deepcopy(model).eval().cpu()
     wq: dict[str, _WeightQ] = {}
     for name, mod in list(m.named_modules()):
-        if isinstance(mod, QUANT_MODULES):
+        if isinstance(mod, QChannelAffine):
+            with torch.no_grad():
+                plain = _AffineExport(mod.quantized_scale(), mod.quantized_shift(), rank)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(m.get_submodule(parent_name) if parent_name else m, attr, plain)
+            for tensor, q in (("a", mod.aq), ("b", mod.bq)):
+                wq[f"{name}.{tensor}"] = _WeightQ(q.scale().detach().cpu().numpy().astype(np.float32).reshape(-1),
+                                                   q.qmin, q.qmax)
+        elif isinstance(mod, QUANT_MODULES):
             with torch.no_grad():
                 w = mod.quantized_weight().detach().clone()
                 b = mod.quantized_bias()
@@ -132,7 +160,14 @@ def _integerize(model_proto, wq: dict[str, _WeightQ]) -> dict[str, dict]:
     if missing:
         raise ExportError(f"exported graph lost the names of quantized weights: {missing[:5]}",
                           hint="report this model; export with a different --opset may help")
+    done_affine: set[str] = set()
     for node in g.node:
+        if node.op_type in ("Mul", "Add"):  # quantized norms: per-tensor int8 scale/shift
+            for name in node.input:
+                if name in wq and name in inits and name not in done_affine:
+                    info[name] = _integerize_tensor(g, inits[name], wq[name], new_nodes)
+                    done_affine.add(name)
+            continue
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in wq:
             continue
         wname = node.input[1]
@@ -166,7 +201,9 @@ def _integerize(model_proto, wq: dict[str, _WeightQ]) -> dict[str, dict]:
             bname = node.input[2]
             b = numpy_helper.to_array(inits[bname]).astype(np.float32)
             bscale = (x_scale * q.scale.astype(np.float32)).astype(np.float32)  # float32, as simulated
-            bint = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
+            # in float64: the int32 bounds are not float32 numbers (2**31 - 1 rounds up to 2**31 and wraps)
+            bint = np.clip(np.round(b.astype(np.float64) / bscale.astype(np.float64)), -(2**31), 2**31 - 1
+                           ).astype(np.int32)
             g.initializer.remove(inits[bname])
             g.initializer.extend([
                 numpy_helper.from_array(bint, bname + "_quantized"),
@@ -181,6 +218,28 @@ def _integerize(model_proto, wq: dict[str, _WeightQ]) -> dict[str, dict]:
     del g.node[:]
     g.node.extend(nodes)
     return info
+
+
+def _integerize_tensor(g, init, q: _WeightQ, new_nodes: list) -> dict:
+    """One float initializer on a per-tensor grid -> int8 initializer + scalar DequantizeLinear."""
+    from onnx import helper, numpy_helper
+
+    name = init.name
+    v = numpy_helper.to_array(init).astype(np.float32)
+    scale = np.float32(q.scale.reshape(-1)[0])
+    vint = np.clip(np.round(v / scale), q.qmin, q.qmax)
+    if np.abs(vint * scale - v).max() > 1e-4 * max(1.0, float(np.abs(v).max())):
+        raise ExportError(f"tensor {name} is not on its quantization grid")
+    g.initializer.remove(init)
+    g.initializer.extend([
+        numpy_helper.from_array(vint.astype(np.int8), name + "_quantized"),
+        numpy_helper.from_array(np.asarray(scale, dtype=np.float32), name + "_scale"),
+        numpy_helper.from_array(np.asarray(0, dtype=np.int8), name + "_zero_point"),
+    ])
+    new_nodes.append(helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale", name + "_zero_point"],
+                                      [name], name=name + "_DequantizeLinear"))
+    return {"bits": int(np.ceil(np.log2(q.qmax - q.qmin + 1))), "qmin": q.qmin, "qmax": q.qmax,
+            "nonzero": int(np.count_nonzero(vint)), "numel": int(vint.size)}
 
 
 _SHAPE_OPS = ("Flatten", "Reshape", "MaxPool", "Squeeze", "Unsqueeze", "Transpose")
@@ -227,7 +286,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, op
     quantized = is_quantized(model)
     if quantized and opset < 13:
         raise ExportError(f"per-channel Q/DQ needs opset >= 13, got {opset}", hint="use --opset 13 or newer")
-    m, wq = _export_copy(model) if quantized else (copy.deepcopy(model).eval().cpu(), {})
+    m, wq = _export_copy(model, rank=1 + len(input_shape)) if quantized else (copy.deepcopy(model).eval().cpu(), {})
     x = torch.zeros(1, *input_shape)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)

@@ -114,4 +114,49 @@ class ActQuant(nn.Module):
         return f"container={self.container}, zero_point={self.zero_point}"
 
 
+class QChannelAffine(nn.Module):
+    """A BatchNorm that cannot be folded into a conv (SubSpectralNorm's, which normalises a reshaped
+    tensor), in its inference form ``y = a * x + b`` per channel, with ``a`` and ``b`` each
+    fake-quantized on one symmetric grid per tensor (``aq``, ``bq``).
+
+    ``a = gamma / sqrt(running_var + eps)`` and ``b = beta - running_mean * a`` are taken from the
+    BatchNorm once (like the conv folds: what is trained is what is exported) and trained directly.
+    Exported as ``DequantizeLinear(int8) -> Mul`` and ``DequantizeLinear(int8) -> Add``: the file
+    stores ``a`` and ``b`` as integers, so they count at their bit width. The runtime computes the
+    affine in float (ONNX Runtime has no integer kernel for it).
+    """
+
+    def __init__(self, a: Tensor, b: Tensor, aq: Quantizer, bq: Quantizer):
+        super().__init__()
+        if a.dim() != 1 or a.shape != b.shape:
+            raise ValueError(f"a and b must be 1-D and alike, got {tuple(a.shape)} and {tuple(b.shape)}")
+        self.num_features = a.numel()
+        self.a = nn.Parameter(a.detach().clone().reshape(1, -1))  # (1, C): one quantizer "channel"
+        self.b = nn.Parameter(b.detach().clone().reshape(1, -1))
+        self.aq, self.bq = aq, bq
+
+    @classmethod
+    @torch.no_grad()
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, aq: Quantizer, bq: Quantizer) -> "QChannelAffine":
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("a BatchNorm without running statistics cannot be turned into an affine")
+        inv = torch.rsqrt(bn.running_var.float() + bn.eps)
+        a = inv * (bn.weight.float() if bn.weight is not None else 1.0)
+        b = (bn.bias.float() if bn.bias is not None else 0.0) - bn.running_mean.float() * a
+        return cls(a.to(bn.running_mean.dtype), b.to(bn.running_mean.dtype), aq, bq)
+
+    def quantized_scale(self) -> Tensor:
+        return self.aq(self.a).reshape(-1)
+
+    def quantized_shift(self) -> Tensor:
+        return self.bq(self.b).reshape(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+        return x * self.quantized_scale().view(shape) + self.quantized_shift().view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
+
+
 QUANT_MODULES = (QConv2d, QLinear)

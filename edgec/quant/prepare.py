@@ -13,7 +13,9 @@ kernels:
 * and before any quantized layer whose input would otherwise reach it unquantized.
 
 Layers with parameters that are neither Conv2d nor Linear are *unsupported*: they are named, and
-either left in float or reported as an error (``unsupported: float | error``).
+either left in float or reported as an error (``unsupported: float | error``) -- except BatchNorms
+that cannot be folded into a conv (SubSpectralNorm's) when ``norm_bits`` is set: those become a
+per-channel affine with an integer scale and shift (:class:`edgec.quant.modules.QChannelAffine`).
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from edgec.errors import InputError
-from edgec.quant.modules import QUANT_MODULES, ActQuant, QConv2d, QLinear, set_input_quantizer
-from edgec.quant.quantizers import make_quantizer
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QChannelAffine, QConv2d, QLinear, set_input_quantizer
+from edgec.quant.quantizers import Quantizer, make_quantizer
 from edgec.targets import TargetProfile
 
 
@@ -46,6 +48,9 @@ class QuantSpec:
     # False: keep BatchNorm after its conv (activation quantizers then sit after the BN, where the
     # folded graph has them) for methods that fold it later themselves (PQK: one BN per path)
     fold_bn: bool = True
+    # BatchNorms that cannot be folded into a conv (SubSpectralNorm's): None leaves them float;
+    # 2-8 turns each into a QChannelAffine (scale and shift on a symmetric per-tensor grid of that many bits)
+    norm_bits: int | None = None
 
 
 @dataclass
@@ -53,10 +58,11 @@ class QuantReport:
     quantized: list[str] = field(default_factory=list)
     left_float: list[str] = field(default_factory=list)
     act_points: int = 0
+    quantized_norms: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"quantized_layers": self.quantized, "float_layers": self.left_float,
-                "activation_quant_points": self.act_points}
+                "activation_quant_points": self.act_points, "quantized_norms": self.quantized_norms}
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -149,7 +155,7 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     for name, mod in model.named_modules():
         if any(True for _ in mod.children()):
             continue
-        if isinstance(mod, (nn.Conv2d, nn.Linear, *QUANT_MODULES, ActQuant)):
+        if isinstance(mod, (nn.Conv2d, nn.Linear, *QUANT_MODULES, ActQuant, QChannelAffine, Quantizer)):
             continue
         if isinstance(mod, _NO_PARAM_OK) or not any(True for _ in mod.parameters(recurse=False)):
             continue
@@ -164,6 +170,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
         gm = fold_batchnorm(gm)
     report = QuantReport()
     kept_bn = set() if spec.fold_bn else {str(n.target) for n in gm.graph.nodes if _conv_bn(gm, n)}
+    if spec.norm_bits is not None:
+        report.quantized_norms = _quantize_norms(gm, spec, kept_bn)
     bad = [b for b in unsupported_layers(gm) if b.split(" ")[0] not in kept_bn]
     if bad and spec.unsupported == "error":
         raise InputError("layers that QAT does not support: " + ", ".join(bad),
@@ -254,6 +262,28 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
     return gm, report
 
 
+def _quantize_norms(gm: fx.GraphModule, spec: QuantSpec, kept_bn: set[str]) -> list[str]:
+    """Replace every BatchNorm not folded into a conv (and not kept for a later fold) by a QChannelAffine."""
+    if not 2 <= spec.norm_bits <= 8:
+        raise InputError(f"norm_bits must be between 2 and 8, got {spec.norm_bits}")
+    qmax = 2 ** (spec.norm_bits - 1) - 1
+    done = []
+    for node in gm.graph.nodes:
+        mod = _module(gm, node)
+        name = str(node.target)
+        if not isinstance(mod, _BN) or name in kept_bn or name in done:
+            continue
+
+        def quantizer():  # per_channel over one "channel" (a and b are (1, C)): one scale per tensor
+            return make_quantizer(spec.weight_quantizer, qmin=-qmax, qmax=qmax, per_channel=True, channels=1,
+                                  percentile=spec.percentile, lsq_init=spec.lsq_init)
+
+        _set_module(gm, name, QChannelAffine.from_batchnorm(mod, quantizer(), quantizer()))
+        done.append(name)
+    gm.recompile()
+    return done
+
+
 def quantizers(model: nn.Module):
     """All quantizer modules of a model (weights and activations)."""
     from edgec.quant.quantizers import Quantizer
@@ -277,6 +307,9 @@ def calibrate(model: nn.Module, batches, device: torch.device | str = "cpu") -> 
     for mod in model.modules():
         if isinstance(mod, QUANT_MODULES):
             mod.wq.observe(mod.weight if getattr(mod, "weight_mask", None) is None else mod.weight * mod.weight_mask)
+        elif isinstance(mod, QChannelAffine):
+            mod.aq.observe(mod.a)
+            mod.bq.observe(mod.b)
     act = [m.q for m in model.modules() if isinstance(m, ActQuant)]
     for q in act:
         q.calibrating = True

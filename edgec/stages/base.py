@@ -29,6 +29,7 @@ class StageContext:
     teachers: dict[int, nn.Module] = field(default_factory=dict)  # resolved KD teachers by stage index
     resume: bool = False
     rebuild: bool = False  # structure only: no calibration, no training
+    recipe: Any = None  # the validated edgec.recipe.Recipe (stages that look ahead, e.g. prune's byte budget)
     log: Any = print
 
     @property

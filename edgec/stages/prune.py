@@ -1,5 +1,6 @@
 """``prune``: unstructured pruning to a target sparsity on the cubic (AGP) schedule, by an importance
-score from edgec.importance (default magnitude)."""
+score from edgec.importance (default magnitude). With ``target_bytes`` the sparsity is derived from a
+size budget of the exported model (edgec.budget)."""
 from __future__ import annotations
 
 from edgec import prune as P
@@ -20,6 +21,23 @@ def _scores(model, layers, cfg, ctx, step: int):
     return I.compute_scores(cfg.importance, model, layers, batches=batches, seed=ctx.seed + ctx.index)
 
 
+def byte_plan(model, cfg, ctx):
+    """The edgec.budget plan for ``cfg.target_bytes`` (None with ``target_sparsity``); structural: the
+    same on every rank, on resume and on rebuild."""
+    if cfg.target_bytes is None:
+        return None
+    from edgec.budget import deployment_norm_bits, plan_bytes
+
+    return plan_bytes(model, target_bytes=cfg.target_bytes, deployed_bits=cfg.deployed_bits,
+                      norm_bits=deployment_norm_bits(ctx.recipe), include_first_last=cfg.prune_first_last)
+
+
+def target_sparsity(model, cfg, ctx) -> float:
+    """``cfg.target_sparsity``, or the sparsity that meets ``cfg.target_bytes``."""
+    plan = byte_plan(model, cfg, ctx)
+    return cfg.target_sparsity if plan is None else plan.target_sparsity
+
+
 class PruneHandler:
     def prepare(self, model, cfg, ctx):
         layers = P.prunable_layers(model, include_first_last=cfg.prune_first_last)
@@ -33,21 +51,31 @@ class PruneHandler:
             n = int(n * (1 - cfg.kd.calibration_fraction))
         total = steps_per_epoch(n, cfg.batch_size, ctx.dist.world_size) * cfg.epochs
         ramp = int(total * cfg.ramp_fraction) if cfg.schedule_kind == "cubic" else 0
+        plan = byte_plan(model, cfg, ctx)
+        final = cfg.target_sparsity if plan is None else plan.target_sparsity
+        budget = {}
+        if plan is not None:
+            budget = {"byte_budget": plan.as_dict()}
+            ctx.record(event="byte_budget", **plan.as_dict())
+            ctx.log(f"size budget {cfg.target_bytes:,} B at {cfg.deployed_bits} bit: fixed "
+                    f"{sum(plan.fixed_bytes.values()):,} B ({', '.join(f'{k} {v:,}' for k, v in plan.fixed_bytes.items())}), "
+                    f"keep {plan.kept_weights:,} of {plan.prunable_weights:,} prunable weights -> "
+                    f"sparsity {plan.target_sparsity:.4f}")
 
         def on_step_start(step: int) -> None:
             if step % cfg.update_every == 0 or step == ramp:
-                P.update_masks(layers, P.cubic_sparsity(step, ramp, cfg.target_sparsity), scope=cfg.scope,
+                P.update_masks(layers, P.cubic_sparsity(step, ramp, final), scope=cfg.scope,
                                scores=_scores(model, layers, cfg, ctx, step))
                 P.apply_masks(model)
 
         on_step_start(0)
         metrics = train_stage(model, cfg, ctx, hooks_extra={"on_step_start": on_step_start}, desc="prune")
-        return metrics
+        return {**metrics, "target_sparsity": final, **budget}
 
     def convert(self, model, cfg, ctx):
         if not ctx.rebuild:
             layers = P.prunable_layers(model, include_first_last=cfg.prune_first_last)
-            P.update_masks(layers, cfg.target_sparsity, scope=cfg.scope,  # exactly the target
+            P.update_masks(layers, target_sparsity(model, cfg, ctx), scope=cfg.scope,  # exactly the target
                            scores=_scores(model, layers, cfg, ctx, -1))
             P.apply_masks(model)
         return model

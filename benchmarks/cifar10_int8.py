@@ -60,6 +60,20 @@ def train_baseline(data, epochs: int, seed: int, path: Path, max_train: int | No
     return model
 
 
+def baseline(data, epochs: int, seed: int = 0, max_train: int | None = None) -> Path:
+    """The shared FP32 resnet20 checkpoint ``work/resnet20_fp32_e{epochs}_s{seed}[_n{max_train}].pt``, trained
+    when absent (a run on a training subset never stands in for a full one)."""
+    path = WORK / f"resnet20_fp32_e{epochs}_s{seed}{'' if max_train is None else f'_n{max_train}'}.pt"
+    if path.is_file():
+        log(f"reusing baseline {path}")
+        return path
+    log(f"training FP32 resnet20: {epochs} epochs, batch 128, SGD onecycle lr 0.1")
+    tb = time.perf_counter()
+    train_baseline(data, epochs, seed, path, max_train)
+    log(f"baseline trained in {time.perf_counter() - tb:.0f} s")
+    return path
+
+
 def ort_quantize_static(fp32_onnx: Path, calib_x, out: Path) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -152,14 +166,7 @@ def main() -> int:
     save_manifest(manifest, HERE.parent / "calibration" / f"cifar10-train-{len(cx)}-seed{args.seed}.json")
     log(f"data: {data.describe()}; calibration {len(cx)} samples sha {manifest['sha256'][:12]}")
 
-    base_path = WORK / f"resnet20_fp32_e{args.epochs}_s{args.seed}.pt"
-    if base_path.is_file():
-        log(f"reusing baseline {base_path}")
-    else:
-        log(f"training FP32 resnet20: {args.epochs} epochs, batch 128, SGD onecycle lr 0.1")
-        tb = time.perf_counter()
-        train_baseline(data, args.epochs, args.seed, base_path, args.max_train)
-        log(f"baseline trained in {time.perf_counter() - tb:.0f} s")
+    base_path = baseline(data, args.epochs, args.seed, args.max_train)
 
     onnx_files: dict[str, Path] = {"fp32": WORK / "fp32.onnx"}  # first row: the reference
     parity: dict[str, dict] = {}

@@ -89,7 +89,7 @@ def export(
 
 @app.command()
 def bench(
-    model: Annotated[Path, typer.Argument(help="an .onnx file")],
+    model: Annotated[Path, typer.Argument(help="an .onnx file, or a dynamic ensemble (ensemble.json or its folder)")],
     data: Annotated[Optional[str], typer.Option(help="data SPEC for accuracy (its eval split)")] = None,
     threads: Annotated[int, typer.Option(help="intra-op threads")] = 1,
     batch: Annotated[int, typer.Option(help="batch size")] = 1,
@@ -99,12 +99,40 @@ def bench(
     budget_ms: Annotated[Optional[float], typer.Option(help="exit non-zero when p50 latency exceeds this")] = None,
     eval_samples: Annotated[Optional[int], typer.Option(help="accuracy on a seeded class-stratified subset of N eval samples")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results to this JSON file")] = None,
+    rounds: Annotated[int, typer.Option(help="ensemble: interleaved rounds of dynamic vs all-K timing (on --runs inputs)")] = 3,
+    pgd_samples: Annotated[int, typer.Option(help="ensemble: PGD robust accuracy on a seeded subset of N eval samples (0 = off)")] = 200,
+    pgd_steps: Annotated[int, typer.Option(help="ensemble: PGD iterations (step eps/4, random start)")] = 10,
+    pgd_eps: Annotated[Optional[float], typer.Option(help="ensemble: PGD radius in pixel units (default: the run's adversarial training eps)")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="ensemble: the run directory whose PyTorch model the PGD attack is computed on (default: the run the artifact lies in)")] = None,
 ):
-    """Latency (p50/p90/p99), throughput, peak memory and accuracy of an ONNX model in ONNX Runtime."""
+    """Latency (p50/p90/p99), throughput, peak memory and accuracy of an ONNX model in ONNX Runtime.
+
+    For a dynamic ensemble (eed; RUN_DIR/export/ensemble/ensemble.json): sub-models used per input,
+    latency with early exit vs always all K members (interleaved rounds), clean accuracy and PGD
+    accuracy (attack white-box on the run's PyTorch ensemble, evaluated on the ORT artifact)."""
     from edgec.bench import bench as run_bench, print_bench_table
     from edgec.errors import BudgetExceeded
     from edgec.atomic import atomic_write_text
+    from edgec.runtime.ensemble import is_ensemble_path
 
+    if is_ensemble_path(model):
+        from edgec.ensemble_bench import bench_ensemble_artifact, print_ensemble_table
+
+        console = _console()
+        try:
+            res = bench_ensemble_artifact(model, data=data, run_dir=run, eval_samples=eval_samples,
+                                          pgd_samples=pgd_samples, pgd_steps=pgd_steps, pgd_eps=pgd_eps,
+                                          threads=threads, batch=batch, rounds=rounds, warmup=warmup, runs=runs,
+                                          budget_ms=budget_ms, console=console)
+            err = None
+        except BudgetExceeded as exc:
+            res, err = exc.results, exc
+        print_ensemble_table(res, console)
+        if json_out is not None:
+            atomic_write_text(json_out, json.dumps(res, indent=2, default=str))
+        if err is not None:
+            raise err
+        return
     ex = ey = None
     if data is not None:
         from edgec.data import load_data, to_numpy

@@ -13,11 +13,18 @@ from edgec.runs import read_run
 
 
 def _eval_arrays(run: dict, limit: int | None):
+    x, y, _ = _eval_data(run, limit)
+    return x, y
+
+
+def _eval_data(run: dict, limit: int | None):
+    """Eval inputs, labels and per-sample groups (speaker, device, ...; aligned with the samples)."""
     from edgec.data import load_data, to_numpy
 
     # max_eval draws a seeded, class-stratified subset (eval folders are often sorted by class)
     data = load_data(run["identity"]["data"], seed=run["identity"]["recipe"].get("seed", 0), max_eval=limit)
-    return to_numpy(data.eval)
+    x, y = to_numpy(data.eval)
+    return x, y, dict(data.groups or {})
 
 
 def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=None) -> dict:
@@ -74,6 +81,13 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     px, _ = _eval_arrays(run, recipe.get("export", {}).get("parity_samples", 1000))
     out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
     info = export_model(model, run, out, opset=opset, parity_x=px, console=console)
+    if hasattr(model, "members"):  # eed: also the deployable dynamic ensemble (member graphs + ensemble.json)
+        from edgec.ensemble_bench import ENSEMBLE_DIR, export_ensemble
+
+        eed = next(s for s in reversed(recipe["stages"]) if s["method"] == "eed")
+        info["ensemble"] = export_ensemble(model, run, out.parent / ENSEMBLE_DIR, opset=opset, parity_x=px,
+                                           agree=eed.get("agree"), console=console,
+                                           extra_meta={"scores": eed["scores"], "target_sparsity": eed["target_sparsity"]})
     if target == "tensorrt":
         from edgec.export.tensorrt import build_engine
 
@@ -94,7 +108,7 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
     recipe = run["identity"]["recipe"]
     bcfg = recipe.get("bench", {})
     ecfg = recipe.get("export", {})
-    ex, ey = _eval_arrays(run, bcfg.get("eval_samples"))
+    ex, ey, groups = _eval_data(run, bcfg.get("eval_samples"))
     n_par = ecfg.get("parity_samples", 1000)
     px = ex[:: max(1, len(ex) // n_par)][:n_par]  # spread over the eval set (often sorted by class)
     opset = ecfg.get("opset", 17)
@@ -106,7 +120,8 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
         info = export_model(model, run, run_dir / "export" / f"{name}.onnx", opset=opset, parity_x=px,
                             console=console)
         b = bench(info["path"], eval_x=ex, eval_y=ey, threads=bcfg.get("threads", 1),
-                  batch=bcfg.get("batch", 1), warmup=bcfg.get("warmup", 10), runs=bcfg.get("runs", 100))
+                  batch=bcfg.get("batch", 1), warmup=bcfg.get("warmup", 10), runs=bcfg.get("runs", 100),
+                  eval_groups=groups)
         benches.append(b)
         sp = sparsity_stats(model)
         rows.append({"name": "fp32 input" if which == "input" else recipe.get("name", "compressed"),
@@ -119,10 +134,15 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
                      "params_nonzero": b["params_nonzero"], "parity_top1": info["parity"]["top1_agreement"],
                      "parity_max_abs_diff": info["parity"]["max_abs_diff"],
                      "integer_kernels": f"{info['parity']['fused_compute']}/{info['parity']['compute_nodes']}",
-                     "batch": b["batch"], "threads": b["threads"], "samples": b["samples"], "path": info["path"]})
+                     "batch": b["batch"], "threads": b["threads"], "samples": b["samples"], "path": info["path"],
+                     **({"accuracy_by_group": b["accuracy_by_group"]} if b.get("accuracy_by_group") else {})})
     if console is not None:
         print_bench_table(benches, console)
-    paths = write_report(run_dir, rows, title=f"edgec {recipe.get('name')} on {run['identity']['data']}")
+    # adversarially trained runs: PGD accuracy of both artifacts; eed: the dynamic ensemble + its rows
+    from edgec.ensemble_bench import robustness_rows
+
+    extra = robustness_rows(run_dir, run, rows, ex, ey, px, opset=opset, console=console)
+    paths = write_report(run_dir, rows + extra, title=f"edgec {recipe.get('name')} on {run['identity']['data']}")
     if console is not None and len(rows) == 2 and rows[0]["accuracy"] is not None:
         a0, a1 = rows[0]["accuracy"], rows[1]["accuracy"]
         speed = rows[0]["latency_p50_ms"] / rows[1]["latency_p50_ms"]
@@ -130,4 +150,4 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
                       f"ORT p50 speed-up x{speed:.2f}, deployed weights "
                       f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
         console.print(f"report: {paths['md']}  plot: {paths['png']}")
-    return {"rows": rows, "paths": {k: str(v) for k, v in paths.items()}}
+    return {"rows": rows + extra, "paths": {k: str(v) for k, v in paths.items()}}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgec.errors import RecipeError
 from edgec.registry import did_you_mean
@@ -97,8 +97,19 @@ class DistillStage(Optim):
 
 
 class PruneStage(Optim):
+    """Unstructured pruning to ``target_sparsity`` of the prunable weights, or to a size budget
+    ``target_bytes`` (exactly one of the two): bytes of non-zero parameters of the exported model
+    at their deployed bit width, as ``edgec bench`` counts them (edgec.budget)."""
+
     method: Literal["prune"]
-    target_sparsity: float = Field(..., ge=0, lt=1)
+    target_sparsity: float | None = Field(None, ge=0, lt=1)
+    target_bytes: int | None = Field(
+        None, ge=1, description="size budget: bytes of non-zero parameters of the exported model (weights at "
+                                "deployed_bits, biases at 32 bits, norms left unfused as exported); the prune "
+                                "sparsity is derived from it (edgec.budget)")
+    deployed_bits: int = Field(
+        8, description="bit width the pruned weights are deployed at: 8 when a quantizing stage follows "
+                       "(edgec stores quantized weights in int8), 32 for a float export")
     scope: Literal["global", "layer"] = "global"
     schedule_kind: Literal["cubic", "oneshot"] = Field("cubic", description="cubic = AGP (Zhu & Gupta 2017)")
     ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of the stage's steps over which sparsity ramps")
@@ -109,6 +120,18 @@ class PruneStage(Optim):
     importance_batches: int = Field(4, ge=1, description="training batches per mask update for data-aware scores")
     kd: KD | None = None
 
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneStage":
+        if (self.target_sparsity is None) == (self.target_bytes is None):
+            raise ValueError("give exactly one of target_sparsity (share of the prunable weights set to zero) "
+                             "and target_bytes (size budget of the exported model in bytes)"
+                             + (f"; got both ({self.target_sparsity}, {self.target_bytes})"
+                                if self.target_sparsity is not None else ""))
+        if self.deployed_bits not in (8, 32):
+            raise ValueError(f"deployed_bits must be 8 (quantized export: int8 weights) or 32 (float export), "
+                             f"got {self.deployed_bits}")
+        return self
+
 
 class QATStage(Optim, Quant):
     method: Literal["qat"]
@@ -117,6 +140,10 @@ class QATStage(Optim, Quant):
     kd: KD | None = None
     lr: float = Field(0.002, gt=0)
     quantizer_lr: float | None = Field(None, gt=0, description="lr of LSQ step sizes (default: lr)")
+    norm_bits: int | None = Field(
+        None, ge=2, le=8, description="BatchNorms that cannot be folded into a conv (SubSpectralNorm's): quantize "
+                                      "their per-channel scale and shift to this many bits (int8 storage, one scale "
+                                      "each); None leaves them float32")
 
 
 class PTQStage(Quant):
@@ -126,6 +153,10 @@ class PTQStage(Quant):
     weight_quantizer: Literal["minmax"] = "minmax"
     weight_range: Literal["minmax", "psg"] = Field(
         "minmax", description="per-channel min-max, or PSG's per-layer EMA range (after a psg stage)")
+    norm_bits: int | None = Field(
+        None, ge=2, le=8, description="BatchNorms that cannot be folded into a conv (SubSpectralNorm's): quantize "
+                                      "their per-channel scale and shift to this many bits (int8 storage, one scale "
+                                      "each); None leaves them float32")
 
 
 class PSGStage(Optim):
@@ -190,7 +221,7 @@ class EEDStage(Optim):
 
     method: Literal["eed"]
     scores: list[Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"]] = Field(
-        ["magnitude", "taylor", "fisher"], min_length=2, description="one importance score per sub-model (K = len)")
+        ["magnitude", "snip", "fisher_w2"], min_length=2, description="one importance score per sub-model (K = len)")
     target_sparsity: float = Field(0.5, ge=0, lt=1, description="unstructured sparsity of each sub-model")
     scope: Literal["global", "layer"] = "global"
     prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
@@ -230,6 +261,10 @@ class BenchCfg(_Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
     eval_samples: int | None = Field(None, ge=1, description="limit ORT accuracy to this many eval samples")
+    pgd_samples: int = Field(200, ge=0, description="adversarially trained / eed runs: PGD robust accuracy of the "
+                                                    "exported models on a seeded subset of this many eval samples "
+                                                    "(0 = off); eps and norm of the recipe's adversarial training")
+    pgd_steps: int = Field(10, ge=1, description="PGD iterations of that evaluation (step eps/4, random start)")
 
 
 class Recipe(_Strict):
@@ -252,6 +287,14 @@ class Recipe(_Strict):
             after = [s.method for s in stages[quant[0] + 1:] if s.method == "prune"]
             if after:
                 raise ValueError("prune stages must come before the quantizing (qat/ptq/qkd/pqk) stage")
+        want = 8 if quant else 32
+        for i, s in enumerate(stages):
+            if s.method == "prune" and s.target_bytes is not None and s.deployed_bits != want:
+                raise ValueError(
+                    f"stage {i}: deployed_bits={s.deployed_bits} but the exported weights are "
+                    + (f"int8 (stage {quant[0]} quantizes; lower bit widths are stored in the int8 container)"
+                       if quant else "float32 (no quantizing stage follows)")
+                    + f"; set stages.{i}.deployed_bits={want}")
         return stages
 
 

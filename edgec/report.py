@@ -94,7 +94,31 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
         f"{DASH} = not measured.",
         "",
     ]
+    lines += _robustness_table(rows)
+    lines += _group_sections(rows)
     return "\n".join(lines)
+
+
+def _robustness_table(rows: list[dict]) -> list[str]:
+    """Rows with robust accuracy (``pgd_accuracy``) or dynamic inference (``avg_members``): a second table."""
+    sel = [r for r in rows if r.get("pgd_accuracy") is not None or r.get("avg_members") is not None]
+    if not sel:
+        return []
+    attack = next((r["pgd"] for r in sel if r.get("pgd")), None)
+    head = ["name", "clean acc % (PGD subset)", "PGD acc %", "sub-models per input", "mean ms", "latency vs all K"]
+    lines = ["## Robustness and dynamic inference", "",
+             "| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for r in sel:
+        ratio = _num(r.get("latency_ratio_vs_all_k"))
+        lines.append("| " + " | ".join([
+            _cell(r.get("name")), _fmt(r.get("clean_accuracy_pgd_subset"), ".2f", 100.0),
+            _fmt(r.get("pgd_accuracy"), ".2f", 100.0), _fmt(r.get("avg_members"), ".2f"),
+            _fmt(r.get("latency_mean_ms"), ".3f"), DASH if ratio is None else f"{ratio:.3f}×"]) + " |")
+    lines += ["", f"Attack: {attack or DASH}. Sub-models per input and latency: the dynamic ensemble's "
+              "early-exit controller in ORT on the eval inputs, one input per call, each call timed in both modes "
+              "back to back in one run (per input the median over rounds, then the mean over inputs); latency vs "
+              "all K = mean(dynamic) / mean(all K).", ""]
+    return lines
 
 
 def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -104,6 +128,29 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
         if not front or acc > front[-1][1]:
             front.append((lat, acc))
     return front
+
+
+def _group_sections(rows: list[dict]) -> list[str]:
+    """One table per group key (device, seen/unseen device, speaker ...): accuracy of every row that has it."""
+    keys = sorted({k for r in rows for k in (r.get("accuracy_by_group") or {})})
+    if not keys:
+        return []
+    with_groups = [r for r in rows if r.get("accuracy_by_group")]
+    out = ["## Accuracy per group", "",
+           "Accuracy of the exported models in their runtime on the eval samples of each group "
+           "(samples = eval samples in the group).", ""]
+    for key in keys:
+        values = sorted({v for r in with_groups for v in (r["accuracy_by_group"].get(key) or {})})
+        out += [f"### {key}", "",
+                "| " + " | ".join([_cell(key), "samples"] + [f"{_cell(r.get('name'))} %" for r in with_groups]) + " |",
+                "|:---|" + "---:|" * (1 + len(with_groups))]
+        for v in values:
+            cells = [(r["accuracy_by_group"].get(key) or {}).get(v) for r in with_groups]
+            n = next((c["samples"] for c in cells if c), None)
+            out.append("| " + " | ".join([_cell(v), DASH if n is None else str(n)]
+                                         + [_fmt(c["accuracy"] if c else None, ".2f", 100.0) for c in cells]) + " |")
+        out.append("")
+    return out
 
 
 def _plot(rows: list[dict], *, title: str, write) -> None:

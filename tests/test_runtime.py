@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_util import subprocess_env
 
 from edgec import runtime
 
@@ -31,10 +32,6 @@ class TinyNet(torch.nn.Module):
         return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +57,7 @@ def _torch_logits(net, x: np.ndarray) -> np.ndarray:
 
 def test_runtime_imports_without_torch():
     code = "import edgec.runtime, sys; assert 'torch' not in sys.modules, 'runtime imported torch'"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
 
 
@@ -71,7 +68,7 @@ def test_cli_predictions_match_torch(tiny, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "edgec.runtime", str(path), "--input", str(tmp_path / "x.npy"),
          "--topk", "2"],
-        capture_output=True, text=True, env=_env(),
+        capture_output=True, text=True, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines() if not line.startswith("#")]
@@ -108,7 +105,7 @@ def test_cli_bench_writes_json(tiny, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "edgec.runtime", str(path), "--bench", "--batch", "4",
          "--warmup", "1", "--runs", "5", "--threads", "1", "--json-out", str(out)],
-        capture_output=True, text=True, env=_env(),
+        capture_output=True, text=True, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
@@ -122,7 +119,7 @@ def test_cli_bench_writes_json(tiny, tmp_path):
 def test_cli_missing_model_is_clear(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "edgec.runtime", str(tmp_path / "nope.onnx"), "--bench"],
-        capture_output=True, text=True, env=_env(),
+        capture_output=True, text=True, env=subprocess_env(),
     )
     assert proc.returncode == 2
     assert "nope.onnx" in proc.stderr and "does not exist" in proc.stderr

@@ -7,6 +7,7 @@ there::
     python -m edgec.runtime model.onnx --input x.npy --topk 3
     python -m edgec.runtime model.onnx --bench --batch 1 --runs 100 --json-out bench.json
     python -m edgec.runtime kws.onnx --input clip.wav      # audio: log-mel front end, runtime/audio.py
+    python -m edgec.runtime export/ensemble/ensemble.json --input x.npy  # EED dynamic ensemble, ensemble.py
 
 (copied alone as ``runtime/``: ``python -m runtime ...``).
 
@@ -305,7 +306,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="python -m edgec.runtime",
         description="Run or benchmark an ONNX model with onnxruntime (numpy + onnxruntime only).",
     )
-    p.add_argument("model", help="path of the .onnx model")
+    p.add_argument("model", help="path of the .onnx model, or of a dynamic ensemble (ensemble.json or its "
+                   "folder: members run in order with early exit; --bench times dynamic vs all members)")
     p.add_argument("--input", help=".npy file of inputs, shape (N, ...) or a single sample; or an "
                    "audio file (.wav/.flac) for a model with an audio front end in its metadata")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (0 = all cores)")
@@ -337,10 +339,56 @@ def _load_input(path: str, session: ort.InferenceSession | None = None) -> np.nd
         raise RunnerError(f"could not read {path!r} as a .npy array: {e}") from e
 
 
+def _write_json(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    else:
+        print(text)
+
+
+def _main_ensemble(args, providers) -> int:
+    """A dynamic ensemble (ensemble.json or its folder): predict with early exit, or time it."""
+    from .ensemble import DynamicEnsemble
+
+    ens = DynamicEnsemble.load(args.model, threads=args.threads, providers=providers)
+    x = _load_input(args.input, ens.sessions[0]) if args.input else None
+    if args.bench:
+        if x is None:
+            x = _random_input(ens.sessions[0].get_inputs()[0], max(1, args.runs))
+        x = _as_model_input(x, ens.sessions[0].get_inputs()[0])
+        result = ens.compare_latency(x[: max(1, args.runs)], rounds=3, batch=args.batch, warmup=args.warmup)
+        result.update(provider=ens.sessions[0].get_providers()[0], threads=args.threads,
+                      onnxruntime=ort.__version__, torch_imported="torch" in sys.modules)
+        _write_json(result, args.json_out)
+        return 0
+    if x is None:
+        raise RunnerError("pass --input x.npy to predict, or --bench to time dynamic vs all members")
+    x = _as_model_input(x, ens.sessions[0].get_inputs()[0])
+    pred, used, probs = ens.predict_proba(x, batch_size=args.batch_size)
+    labels = ens.meta.get("classes")
+    if not (isinstance(labels, list) and len(labels) == probs.shape[1]):
+        labels = None
+    lines = [f"# dynamic ensemble: {ens.k} members, threshold {ens.threshold}, agree {ens.agree}; "
+             f"{float(used.mean()):.2f} members per input on average",
+             "# sample\tclass\t" + ("label\t" if labels else "") + "prob\tmembers_used"]
+    for i, (c, u) in enumerate(zip(pred.tolist(), used.tolist())):
+        lines.append(f"{i}\t{c}\t" + (f"{labels[c]}\t" if labels else "") + f"{probs[i, c]:.6f}\t{u}")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     try:
+        from .ensemble import is_ensemble_path
+
+        if is_ensemble_path(args.model):
+            return _main_ensemble(args, providers)
         session = load_session(args.model, threads=args.threads, providers=providers)
         x = _load_input(args.input, session) if args.input else None
         if args.bench:
@@ -357,14 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 onnxruntime=ort.__version__,
                 torch_imported="torch" in sys.modules,
             )
-            text = json.dumps(result, indent=2)
-            if args.json_out:
-                tmp = args.json_out + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write(text + "\n")
-                os.replace(tmp, args.json_out)
-            else:
-                print(text)
+            _write_json(result, args.json_out)
             return 0
         if x is None:
             raise RunnerError("pass --input x.npy to predict, or --bench to measure latency")

@@ -23,7 +23,6 @@ graph per member plus ``ensemble.json`` for :class:`edgec.runtime.ensemble.Dynam
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -169,23 +168,25 @@ HANDLERS.add("eed", EEDHandler())
 
 
 def export_dynamic(model: Ensemble, input_shape: tuple[int, ...], out_dir: Path, *, agree: int | None = None,
-                   opset: int = 17, meta: dict | None = None) -> Path:
-    """Write ``member{k}.onnx`` per member and ``ensemble.json`` (threshold, agree) to ``out_dir``:
-    the deployable dynamic ensemble for :class:`edgec.runtime.ensemble.DynamicEnsemble`."""
-    from edgec.atomic import atomic_write_text
+                   opset: int = 17, meta: dict | None = None, export_member=None) -> Path:
+    """Write ``member{k}.onnx`` per member and ``ensemble.json`` (threshold, agree, sha256 of each member)
+    to ``out_dir``: the deployable dynamic ensemble for :class:`edgec.runtime.ensemble.DynamicEnsemble`.
+
+    ``export_member(member, path)`` exports one member (default: :func:`edgec.export.onnx_export.export_onnx`;
+    ``edgec.pipeline`` passes one that also writes metadata and parity checks)."""
     from edgec.export.onnx_export import export_onnx
-    from edgec.runtime.ensemble import MANIFEST
+    from edgec.runtime.ensemble import write_manifest
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for k, mem in enumerate(model.members):
         name = f"member{k}.onnx"
-        export_onnx(mem, tuple(input_shape), out_dir / name, opset=opset)
+        if export_member is None:
+            export_onnx(mem, tuple(input_shape), out_dir / name, opset=opset)
+        else:
+            export_member(mem, out_dir / name)
         names.append(name)
-    thr = float(model.threshold)
-    manifest = {"format": "edgec-dynamic-ensemble", "version": 1, "members": names,
-                "threshold": thr if thr != float("inf") else None, "agree": agree,
-                "input_shape": list(input_shape), **(meta or {})}
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    write_manifest(out_dir, names, threshold=float(model.threshold), agree=agree,
+                   input_shape=list(input_shape), **(meta or {}))
     return out_dir

@@ -90,6 +90,13 @@ def check_byte_budgets(recipe: Recipe, model) -> None:
                 raise RecipeError(f"stages.{i}.target_bytes: {e.message}", hint=e.hint) from e
 
 
+def _plain_print(*objects) -> None:
+    """Log lines without a rich console (library use, benchmarks): rich markup stripped, not printed raw."""
+    from rich.text import Text
+
+    print(*(Text.from_markup(o).plain if isinstance(o, str) else o for o in objects))
+
+
 def compress(req: CompressRequest, *, console=None) -> Path:
     """Run a compression recipe end to end; returns the run directory."""
     import torch
@@ -99,7 +106,7 @@ def compress(req: CompressRequest, *, console=None) -> Path:
     from edgec.stages import StageContext, get_handler
     from edgec.targets import get_target
 
-    log = console.print if console is not None else print
+    log = console.print if console is not None else _plain_print
     # ---- 1. load and validate everything up front -------------------------------------------
     recipe = load_recipe(req.recipe, list(req.overrides))
     for st in recipe.stages:

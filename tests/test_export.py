@@ -59,6 +59,13 @@ def test_low_bit_export_runs_in_int8_container(tmp_path, digits):
     assert all(w["bits"] == 4 for w in res.weight_tensors.values())
     rep = check_export(gm, res.path, x)
     assert rep.top1_agreement >= 0.97
+    # the clip sits between two Q/DQ pairs on the same grid, so ORT still fuses every conv/gemm
+    # (a bare Clip between DequantizeLinear and Conv left them all in float)
+    assert rep.fused_compute == rep.compute_nodes == 4
+    prod = {o: n for n in model.graph.node for o in n.output}
+    for clip in (n for n in model.graph.node if n.op_type == "Clip"):
+        assert prod[clip.input[0]].op_type == "DequantizeLinear"
+        assert all(n.op_type == "QuantizeLinear" for n in model.graph.node if clip.output[0] in n.input)
 
 
 def test_tensorrt_profile_uses_int8_activations(tmp_path, digits):

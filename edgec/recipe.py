@@ -232,6 +232,9 @@ class EEDStage(Optim):
                                                      "non-true-class predictions on adversarial examples")
     misclassified_weight: float = Field(1.0, ge=0, description="extra CE weight of samples the ensemble gets wrong")
     l1: float = Field(1e-5, ge=0, description="weight of the L1 norm of the kept weights")
+    member_subset: float | None = Field(
+        None, gt=0, lt=1, description="each sub-model's cross-entropy sees only its own fixed, seeded share of the "
+                                      "training samples (METHODS.md 5, step 3); None: every member sees all")
     calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out to set the threshold")
     target_accuracy: float | None = Field(None, gt=0, le=1, description="held-out accuracy the dynamic ensemble must "
                                                                         "reach (default: full ensemble - tolerance)")

@@ -118,6 +118,42 @@ def test_diversity_loss_and_eed_loss_terms():
     assert torch.allclose(ens(x).exp(), F.softmax(zs, -1).mean(0), atol=1e-6)
 
 
+def test_member_subsets_restrict_each_members_cross_entropy():
+    from edgec.attacks import Attack, InputSpace
+    from edgec.models import create_model
+    from edgec.stages.eed import Ensemble, MemberSubsets, eed_loss, split_target
+    from edgec import prune as P
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(400, 1, 8, 8), torch.randint(0, 10, (400,)))
+    ms = MemberSubsets(data, 10, 3, 0.5, seed=1)
+    share = ms.bits
+    assert share.any(1).all()  # no sample is left out of every member's share
+    assert 0.4 < share.mean().item() < 0.65 and not torch.equal(share[:, 0], share[:, 1])
+    assert torch.equal(MemberSubsets(data, 10, 3, 0.5, seed=1).bits, share)  # fixed by the seed
+    x0, t0 = ms[7]
+    y, w = split_target(t0[None], 10)
+    assert int(y) == int(data[7][1]) and torch.equal(w[:, 0], share[7])
+    assert int(t0.argmax()) == int(data[7][1])  # what the engine reads as the class of a soft target
+
+    members = [create_model("digits_cnn") for _ in range(3)]
+    for m in members:
+        P.ensure_masks(P.prunable_layers(m))
+    ens = Ensemble(members).eval()
+    x = torch.stack([ms[i][0] for i in range(16)])
+    t = torch.stack([ms[i][1] for i in range(16)])
+    yy, wk = split_target(t, 10)
+    args = dict(attack=Attack(eps=0.0, steps=1, random_start=False), space=InputSpace.identity(1), ratio=1.0,
+                diversity=0.0, misclassified_weight=0.0, l1=0.0)
+    zs = ens(x, True)
+    own = torch.stack([(F.cross_entropy(z, yy, reduction="none") * wk[k]).sum() / wk[k].sum()
+                       for k, z in enumerate(zs)]).mean().item()
+    assert eed_loss(ens, x, t, **args)[0].item() == pytest.approx(own, rel=1e-5)
+    everyone = torch.stack([F.cross_entropy(z, yy) for z in zs]).mean().item()
+    assert eed_loss(ens, x, yy, **args)[0].item() == pytest.approx(everyone, rel=1e-5)
+    assert abs(own - everyone) > 1e-4
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end through the CLI, then the dynamic artifact in ONNX Runtime
 
@@ -134,6 +170,7 @@ stages:
     lr: 0.001
     weight_decay: 0.0
     adversarial: {eps: 0.1, step: 0.03, steps: 3}
+    member_subset: 0.7
 """
 
 

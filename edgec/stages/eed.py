@@ -11,7 +11,8 @@ From ONE input model (preferably adversarially trained, e.g. a ``train`` stage w
    ``mean_k CE_w(f_k(x_adv), y) + diversity * sim(x_adv) + l1 * sum |w|``, where ``CE_w`` weights
    samples the ensemble misclassifies by ``1 + misclassified_weight`` and ``sim`` is the mean
    pairwise cosine similarity of the members' non-true-class probabilities (pushing members to
-   make different mistakes, ADP-style).
+   make different mistakes, ADP-style). With ``member_subset``, member k's CE covers only its own
+   fixed share of the samples (:class:`MemberSubsets`).
 4. calibrate: on a held-out share of the training data (excluded from fine-tuning), the smallest
    early-exit threshold whose dynamic accuracy reaches the full ensemble's (minus a tolerance);
    stored in the model (``threshold`` buffer) and in the run's metrics.
@@ -63,6 +64,40 @@ def diversity_loss(member_logits: Tensor, y: Tensor) -> Tensor:
     return torch.stack(sims).mean()
 
 
+class MemberSubsets(torch.utils.data.Dataset):
+    """Training data where member k learns only from its own fixed share of the samples.
+
+    Membership (a seeded Bernoulli(``fraction``) draw per sample and member, every sample in at least
+    one member's share) travels with each sample through the shared engine as a soft target:
+    ``[one_hot(y) (C), member bits (K)]``. The engine reads a soft target's argmax as the class, which is
+    ``y`` (the first maximum; the bits are never larger than the one-hot 1). :func:`split_target`
+    undoes it inside the EED loss.
+    """
+
+    def __init__(self, dataset, num_classes: int, k: int, fraction: float, seed: int):
+        self.dataset, self.num_classes, self.k = dataset, num_classes, k
+        rng = torch.Generator().manual_seed(int(seed) * 7919 + 0xEED)
+        bits = torch.rand(len(dataset), k, generator=rng) < fraction
+        orphan = ~bits.any(1)  # a sample no member would see goes to one member at random
+        bits[orphan, torch.randint(0, k, (int(orphan.sum()),), generator=rng)] = True
+        self.bits = bits.float()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i][:2]
+        onehot = F.one_hot(torch.as_tensor(int(y)), self.num_classes).float()
+        return x, torch.cat([onehot, self.bits[i]])
+
+
+def split_target(y: Tensor, num_classes: int) -> tuple[Tensor, Tensor | None]:
+    """(class labels (N,), member weights (K, N) or None) from a plain or a :class:`MemberSubsets` target."""
+    if y.ndim == 1:
+        return y, None
+    return y[:, :num_classes].argmax(-1), y[:, num_classes:].t()
+
+
 def l1_of_kept(net: nn.Module) -> Tensor:
     return sum(m.weight.abs().sum() for m in P.masked_layers(net))
 
@@ -71,13 +106,23 @@ def eed_loss(m: nn.Module, x: Tensor, y: Tensor, *, attack: Attack, space: Input
              diversity: float, misclassified_weight: float, l1: float) -> tuple[Tensor, Tensor]:
     """The EED objective on one batch; ``m`` is the Ensemble (or its DDP wrapper)."""
     net = m.module if hasattr(m, "module") and isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+    members = (net.members if isinstance(net, Ensemble) else None)
+    num_classes = y.shape[1] - len(members) if y.ndim == 2 and members is not None else None
+    y, share = split_target(y, num_classes) if num_classes is not None else (y, None)
     x_adv = attack(net, x, y, space)  # against the whole ensemble, model in eval mode
     zs = m(x_adv, True)  # (K, N, C), in training mode
     probs = F.softmax(zs.float(), dim=-1).mean(0)
     w = 1.0 + misclassified_weight * (probs.argmax(-1) != y).float().detach()
-    ce = torch.stack([(F.cross_entropy(z.float(), y, reduction="none") * w).mean() for z in zs]).mean()
+
+    def member_ce(z: Tensor, k: int, weight: Tensor | None) -> Tensor:
+        per = F.cross_entropy(z.float(), y, reduction="none") * (weight if weight is not None else 1.0)
+        if share is None:
+            return per.mean()
+        return (per * share[k]).sum() / share[k].sum().clamp_min(1.0)  # member k's own samples only
+
+    ce = torch.stack([member_ce(z, k, w) for k, z in enumerate(zs)]).mean()
     if ratio < 1.0:
-        ce_clean = torch.stack([F.cross_entropy(z.float(), y) for z in m(x, True)]).mean()
+        ce_clean = torch.stack([member_ce(z, k, None) for k, z in enumerate(m(x, True))]).mean()
         ce = ratio * ce + (1.0 - ratio) * ce_clean
     loss = ce
     if diversity > 0:
@@ -132,6 +177,9 @@ class EEDHandler:
                 f"pruned-set overlaps {[round(o, 3) for o in overlaps]}")
 
         # 3. adversarial fine-tuning of all members together
+        if cfg.member_subset is not None:
+            train_set = MemberSubsets(train_set, ctx.data.num_classes, len(cfg.scores), cfg.member_subset, ctx.seed)
+            ctx.log(f"eed: each sub-model learns from its own {cfg.member_subset:.0%} share of the training samples")
         attack, space = Attack.from_config(cfg.adversarial), InputSpace.from_bundle(ctx.data)
 
         def loss_fn(m, x, y):

@@ -127,9 +127,8 @@ def cached_adv(path: Path, key: str, make):
 def latency_all(dense_path: Path, dyn, x, rounds: int) -> dict:
     """Batch-1 latency of dense, member 0, dynamic and full ensemble, timed per input back to back in
     rotating order; per input the median over rounds, then mean / p50 over inputs."""
-    import numpy as np
-
     from edgec.runtime import load_session
+    from edgec.runtime.ensemble import interleaved_latency
 
     dense = load_session(dense_path, threads=1)
     dname = dense.get_inputs()[0].name
@@ -138,25 +137,9 @@ def latency_all(dense_path: Path, dyn, x, rounds: int) -> dict:
            "member0": lambda b: m0.run(None, {m0name: b}),
            "dynamic": lambda b: dyn.predict(b),
            "full": lambda b: dyn.predict_full(b)}
-    names = list(fns)
-    for i in range(min(10, len(x))):
-        for f in fns.values():
-            f(x[i:i + 1])
-    t = {n: np.empty((rounds, len(x))) for n in names}
-    clock = time.perf_counter
-    for r in range(rounds):
-        for i in range(len(x)):
-            b = x[i:i + 1]
-            k = (r + i) % len(names)
-            for n in names[k:] + names[:k]:
-                t0 = clock()
-                fns[n](b)
-                t[n][r, i] = clock() - t0
-    out = {}
-    for n in names:
-        per = 1000 * np.median(t[n], axis=0)
-        out[n] = {"mean_ms": float(per.mean()), "p50_ms": float(np.median(per)),
-                  "round_mean_ms": (1000 * t[n].mean(axis=1)).round(4).tolist()}
+    out, _ = interleaved_latency(fns, [x[i:i + 1] for i in range(len(x))], rounds=rounds, warmup=min(10, len(x)))
+    for v in out.values():
+        v["round_mean_ms"] = [round(t, 4) for t in v["round_mean_ms"]]
     return out
 
 

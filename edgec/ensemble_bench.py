@@ -143,6 +143,11 @@ def export_ensemble(model, run: dict, out_dir: Path, *, opset: int, parity_x: np
 # bench
 
 
+def _full_preds(dyn, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Predictions of all K members averaged, over ``x`` in chunks."""
+    return np.concatenate([dyn.predict_full(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
 def bench_ensemble(path: str | Path, *, eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
                    threads: int = 1, batch: int = 1, rounds: int = 3, warmup: int = 10, latency_samples: int = 100,
                    adv: dict | None = None, budget_ms: float | None = None) -> dict[str, Any]:
@@ -197,16 +202,16 @@ def bench_ensemble(path: str | Path, *, eval_x: np.ndarray | None = None, eval_y
     if eval_x is not None:
         x, y = np.asarray(eval_x, dtype=np.float32), np.asarray(eval_y)
         pred, used = dyn.predict_batched(x)
-        full = np.concatenate([dyn.predict_full(x[i:i + 256]) for i in range(0, len(x), 256)])
+        full = _full_preds(dyn, x)
         res.update(samples=len(y), accuracy_dynamic=float((pred == y).mean()), accuracy_full=float((full == y).mean()),
                    avg_members=float(used.mean()), members_used_histogram=np.bincount(used, minlength=dyn.k + 1)[1:].tolist())
     if adv is not None:
         xa, ya = np.asarray(adv["x"], dtype=np.float32), np.asarray(adv["y"])
         pa, ua = dyn.predict_batched(xa)
-        fa = np.concatenate([dyn.predict_full(xa[i:i + 256]) for i in range(0, len(xa), 256)])
+        fa = _full_preds(dyn, xa)
         xc = np.asarray(adv["x_clean"], dtype=np.float32)
         pc, _ = dyn.predict_batched(xc)
-        fc = np.concatenate([dyn.predict_full(xc[i:i + 256]) for i in range(0, len(xc), 256)])
+        fc = _full_preds(dyn, xc)
         res["robust"] = {"attack": adv["desc"], "samples": len(ya),
                          "clean_accuracy_dynamic": float((pc == ya).mean()),
                          "clean_accuracy_full": float((fc == ya).mean()),

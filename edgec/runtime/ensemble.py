@@ -69,6 +69,38 @@ def early_exit(probs: np.ndarray, *, threshold: float | None, agree: int | None 
     return avg.argmax(axis=1), exit_at + 1, avg
 
 
+def interleaved_latency(fns: dict, inputs: list, *, rounds: int = 3, warmup: int = 10) -> tuple[dict, dict]:
+    """Time each callable of ``fns`` on every input of ``inputs``, back to back, the order rotating
+    from input to input and round to round so all see the same machine state.
+
+    Per callable: ``mean_ms`` / ``p50_ms`` over inputs of each input's median over the rounds (robust
+    to the odd scheduler spike on a shared CPU) and ``round_mean_ms``. Also returns what each callable
+    returned on every input in the first round.
+    """
+    names = list(fns)
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(inputs[i % len(inputs)])
+    times = {n: np.empty((rounds, len(inputs))) for n in names}
+    first: dict = {n: [] for n in names}
+    clock = time.perf_counter
+    for r in range(rounds):
+        for j, b in enumerate(inputs):
+            k = (r + j) % len(names)
+            for n in names[k:] + names[:k]:
+                t0 = clock()
+                got = fns[n](b)
+                times[n][r, j] = clock() - t0
+                if r == 0:
+                    first[n].append(got)
+    out = {}
+    for n, t in times.items():
+        per = 1000 * np.median(t, axis=0)
+        out[n] = {"mean_ms": float(per.mean()), "p50_ms": float(np.median(per)),
+                  "round_mean_ms": (1000 * t.mean(axis=1)).tolist()}
+    return out, first
+
+
 def calibrate_threshold(probs: np.ndarray, labels: np.ndarray, *, target_accuracy: float | None = None,
                         tolerance: float = 0.0, agree: int | None = None, max_candidates: int = 2000) -> dict:
     """The smallest confidence threshold whose accuracy on (probs, labels) is >= the target.
@@ -306,27 +338,15 @@ class DynamicEnsemble:
         if len(x) == 0:
             raise RunnerError("no inputs to time; pass at least one sample")
         chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
-        fns = {"dynamic": lambda b: self.predict(b)[1],
-               "full": lambda b: (self.predict_full(b), np.full(len(b), self.k))[1]}
-        for i in range(warmup):
-            for fn in fns.values():
-                fn(chunks[i % len(chunks)])
-        times = {m: np.empty((rounds, len(chunks))) for m in fns}
-        used = {m: 0 for m in fns}
-        clock = time.perf_counter
-        for r in range(rounds):
-            for j, b in enumerate(chunks):
-                for mode in (("dynamic", "full") if (r + j) % 2 == 0 else ("full", "dynamic")):
-                    t0 = clock()
-                    u = fns[mode](b)
-                    times[mode][r, j] = clock() - t0
-                    if r == 0:
-                        used[mode] += int(np.sum(u))
-        out = {}
-        for m, t in times.items():
-            per_call = 1000 * np.median(t, axis=0)
-            out[m] = {"mean_ms": float(per_call.mean()), "p50_ms": float(np.median(per_call)),
-                      "round_mean_ms": (1000 * t.mean(axis=1)).tolist(), "avg_members": used[m] / len(x)}
+
+        def full(b):
+            self.predict_full(b)
+            return np.full(len(b), self.k)
+
+        fns = {"dynamic": lambda b: self.predict(b)[1], "full": full}
+        out, first = interleaved_latency(fns, chunks, rounds=rounds, warmup=warmup)
+        for m in out:
+            out[m]["avg_members"] = int(sum(np.sum(u) for u in first[m])) / len(x)
         ratios = [d / f for d, f in zip(out["dynamic"]["round_mean_ms"], out["full"]["round_mean_ms"])]
         return {**out, "ratio": out["dynamic"]["mean_ms"] / out["full"]["mean_ms"], "round_ratios": ratios,
                 "rounds": rounds, "batch": batch, "inputs": len(x), "k": self.k}

@@ -234,11 +234,11 @@ def test_eed_through_cli_and_dynamic_runtime(tmp_path, capsys):
         assert np.array_equal(used, sim_used) and (pred == sim_pred).mean() > 0.99
     dyn.threshold, dyn.agree = float(ens.threshold), None
     pred, used = dyn.predict(xn)
-    full = dyn.latency(xn[:60], dynamic=False)
-    fast = dyn.latency(xn[:60], dynamic=True)
+    lat = dyn.compare_latency(xn[:60], rounds=1, warmup=1)
+    full, fast = lat["full"], lat["dynamic"]
     assert fast["avg_members"] < 3 and full["avg_members"] == 3
     print(f"EED digits: clean/PGD10(eps 0.1) base {acc['base'][0]:.3f}/{acc['base'][1]:.3f}, "
           f"member0 {acc['member0'][0]:.3f}/{acc['member0'][1]:.3f}, ensemble {acc['eed'][0]:.3f}/{acc['eed'][1]:.3f}; "
           f"dynamic acc {(pred == y.numpy()).mean():.3f} with {used.mean():.2f} members, "
-          f"latency dynamic/full {fast['latency_ms']:.3f}/{full['latency_ms']:.3f} ms "
+          f"latency dynamic/full {fast['mean_ms']:.3f}/{full['mean_ms']:.3f} ms "
           f"(threshold {float(ens.threshold):.4f})", file=sys.stderr)

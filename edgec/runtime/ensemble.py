@@ -350,18 +350,3 @@ class DynamicEnsemble:
         ratios = [d / f for d, f in zip(out["dynamic"]["round_mean_ms"], out["full"]["round_mean_ms"])]
         return {**out, "ratio": out["dynamic"]["mean_ms"] / out["full"]["mean_ms"], "round_ratios": ratios,
                 "rounds": rounds, "batch": batch, "inputs": len(x), "k": self.k}
-
-    def latency(self, x: np.ndarray, *, dynamic: bool = True, runs: int = 1, warmup: int = 1) -> dict:
-        """Mean latency per input (batch 1, one input at a time) over ``x``, run ``runs`` times."""
-        fn = self.predict if dynamic else (lambda b: (self.predict_full(b), np.full(len(b), self.k)))
-        for i in range(min(warmup, len(x))):
-            fn(x[i:i + 1])
-        times, used = [], []
-        for _ in range(runs):
-            for i in range(len(x)):
-                t0 = time.perf_counter()
-                _, u = fn(x[i:i + 1])
-                times.append(time.perf_counter() - t0)
-                used.append(int(u[0]))
-        return {"latency_ms": 1000 * float(np.mean(times)), "p50_ms": 1000 * float(np.median(times)),
-                "avg_members": float(np.mean(used)), "inputs": len(x) * runs}

@@ -13,14 +13,16 @@ model in ONNX Runtime (CPU, 1 thread); parts:
                 devices 1 and 2, test every eval clip through devices 0-5 (3-5 never seen);
             (2) FSDD speakers: train on george, jackson, lucas, nicolas; test on theo and yweweler.
   compress  BC-ResNet-8 (from part "models") through the shipped bcresnet-asc recipe: KD + pruning to
-            61,000 bytes of non-zero int8 parameters + int8 QAT; accuracy drop vs its FP32 self.
+            61,000 bytes of non-zero int8 parameters + int8 QAT; accuracy drop vs its FP32 self. Each
+            budget (--prune-epochs, --c-qat-epochs, --c-max-train) runs into its own directory and
+            the table gets one row per budget found there, plus part 1's dense BC-ResNet-3 int8.
 
     EDGEC_DATA=../shared/data python benchmarks/kws_audio.py                 # everything, full budget
     EDGEC_DATA=../shared/data python benchmarks/kws_audio.py --quick         # a few minutes, smoke test
     EDGEC_DATA=../shared/data python benchmarks/kws_audio.py --part shift --seeds 0,1,2
 
 Writes benchmarks/results/kws-bcresnet-fp32-int8-ort-cpu.{json,csv,png},
-audio-shift-freqnorm-ort-cpu.{json,csv,png} and kws-bcresnet8-61kb-int8-ort-cpu.{json,csv}
+audio-shift-freqnorm-ort-cpu.{json,csv,png} and kws-bcresnet8-61kb-int8-ort-cpu.{json,csv,png}
 (--quick: the same files under benchmarks/work/quick/, never into results/). Weights, runs and ONNX
 files go to benchmarks/work/ (not committed); trained baselines are reused by a later call.
 """
@@ -218,6 +220,10 @@ def plot_models(rows: list[dict], path: Path) -> None:
             ax.annotate(f"{r['model']}\n{r['weight_bytes_deployed'] / 1024:.1f} KB", (r["p50_ms"], 100 * r["accuracy"]),
                         textcoords="offset points", xytext=(5, 3), fontsize=7)
     ax.set_xscale("log")
+    ax.set_xticks(steps, [f"{x:,}" for x in steps])
+    ax.minorticks_off()
+    lo = min(100 * min(r["accuracy"] for r in comp), 100 * ref["accuracy"] if ref else 100)
+    ax.set_ylim(lo - 2.5, 100 * fp32["accuracy"] + 1.5)
     lo, hi = min(r["p50_ms"] for r in rows), max(r["p50_ms"] for r in rows)
     ax.set_xlim(lo / 1.15, hi * 1.6)  # room for the labels right of the last point
     ax.set_xlabel("ORT p50 latency, batch 1, 1 thread (ms, log)")
@@ -351,33 +357,123 @@ def plot_shift(summary: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- part 3: compress
+COMPRESS_STEM = "kws-bcresnet8-61kb-int8-ort-cpu"
+
+
+def compress_row(run_dir: Path) -> dict:
+    """One compressed row from a finished bcresnet-asc run directory (report.json, recipe.yaml, metrics.jsonl)."""
+    import yaml
+
+    rep = json.loads((run_dir / "report.json").read_text())
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    plan = next(e for e in events if e.get("event") == "byte_budget")
+    epochs = [e for e in events if e.get("type") == "epoch"]
+    prune = [e for e in epochs if e["stage"].startswith("stage 0")]
+    qat = [e for e in epochs if e["stage"].startswith("stage 1")]
+    r = next(r for r in rep["rows"] if r["format"] != "onnx-fp32")
+    st = recipe["stages"]
+    return {"model": "BC-ResNet-8 bcresnet-asc 61KB int8", "run": run_dir.name,
+            "prune_epochs": st[0]["epochs"], "qat_epochs": st[1]["epochs"],
+            "clips_per_epoch": st[0].get("max_train_samples") or "all",
+            "prune_steps": prune[-1]["step"], "qat_steps": qat[-1]["step"],
+            "train_s": round(sum(e["time_s"] for e in epochs)),
+            "eval_acc_end_of_pruning": prune[-1]["eval_acc"],
+            "accuracy": r["accuracy"], "samples": r["samples"],
+            "weight_bytes_deployed": r["weight_bytes_deployed"], "params_nonzero": r["params_nonzero"],
+            "sparsity": r["sparsity"], "p50_ms": r["latency_p50_ms"], "file_bytes": r["file_bytes"],
+            "integer_kernels": r["integer_kernels"], "parity_top1_vs_pytorch": r["parity_top1"],
+            "byte_plan": plan}
+
+
 def part_compress(root: Path, args, out: Path, work: Path) -> list[dict]:
+    """Run bcresnet-asc at this budget into its own run directory, then tabulate every finished budget
+    run of the same FP32 baseline found in ``work`` (so a longer run adds a row instead of replacing one)."""
     weights, spec = fp32_baseline(root, 8, args, work)
     sets = [f"stages.0.epochs={args.prune_epochs}", f"stages.1.epochs={args.c_qat_epochs}", "bench.runs=20",
             "bench.warmup=5"]
     if args.c_max_train:
         sets += [f"stages.0.max_train_samples={args.c_max_train}", f"stages.1.max_train_samples={args.c_max_train}"]
-    run_dir = work / "run-bcresnet8-61kb"
-    rep = run_recipe("bcresnet8", weights, spec, "bcresnet-asc", sets, run_dir)
-    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    plan = next(e for e in events if e.get("event") == "byte_budget")
-    rows = []
-    for r in rep["rows"]:
-        rows.append({"model": "BC-ResNet-8 fp32" if r["format"] == "onnx-fp32" else "BC-ResNet-8 bcresnet-asc 61KB int8",
-                     "accuracy": r["accuracy"], "samples": r["samples"],
-                     "weight_bytes_deployed": r["weight_bytes_deployed"], "params_nonzero": r["params_nonzero"],
-                     "sparsity": r["sparsity"], "p50_ms": r["latency_p50_ms"], "file_bytes": r["file_bytes"],
-                     "integer_kernels": r["integer_kernels"], "parity_top1_vs_pytorch": r["parity_top1"]})
-    rows[1]["delta_acc_pt_vs_fp32"] = (rows[1]["accuracy"] - rows[0]["accuracy"]) * 100
+    tag = f"e{args.epochs}-p{args.prune_epochs}-q{args.c_qat_epochs}-n{args.c_max_train or 'all'}"
+    run_dir = work / f"run-bcresnet8-61kb-{tag}"
+    if (run_dir / "report.json").is_file():
+        log(f"reusing finished run {run_dir.name} (delete it to run this budget again)")
+        rep = json.loads((run_dir / "report.json").read_text())
+    else:
+        rep = run_recipe("bcresnet8", weights, spec, "bcresnet-asc", sets, run_dir)
+    fp = next(r for r in rep["rows"] if r["format"] == "onnx-fp32")
+    fp32 = {"model": "BC-ResNet-8 fp32", "run": f"bcresnet8_e{args.epochs}_mall_s{args.seed}.pt",
+            "accuracy": fp["accuracy"], "samples": fp["samples"],
+            "weight_bytes_deployed": fp["weight_bytes_deployed"], "params_nonzero": fp["params_nonzero"],
+            "sparsity": fp["sparsity"], "p50_ms": fp["latency_p50_ms"], "file_bytes": fp["file_bytes"],
+            "integer_kernels": fp["integer_kernels"], "parity_top1_vs_pytorch": fp["parity_top1"]}
+    runs = sorted(work.glob(f"run-bcresnet8-61kb-e{args.epochs}-*/report.json"))
+    comp = sorted((compress_row(p.parent) for p in runs), key=lambda r: (r["prune_steps"], r["qat_steps"]))
+    for r in comp:
+        r["delta_acc_pt_vs_fp32"] = (r["accuracy"] - fp32["accuracy"]) * 100
+    rows = [fp32, *comp]
+    ref = dense_reference(out)
+    if ref:
+        rows.append(ref)
     meta = {"recipe": "bcresnet-asc (KD from the FP32 model, global magnitude pruning on the cubic schedule to "
-                      "target_bytes 61000, int8 LSQ QAT with norm_bits 8, KD kept)",
-            "budget": {"fp32_epochs": args.epochs, "prune_epochs": args.prune_epochs, "qat_epochs": args.c_qat_epochs,
-                       "max_train_per_epoch": args.c_max_train, "compress_wall_s": rep["wall_s"]},
-            "byte_plan": plan, **machine()}
-    write_table(out, "kws-bcresnet8-61kb-int8-ort-cpu", meta, rows)
-    log(f"BC-ResNet-8 -> {rows[1]['weight_bytes_deployed']:,} B: accuracy {rows[0]['accuracy']:.4f} -> "
-        f"{rows[1]['accuracy']:.4f} ({rows[1]['delta_acc_pt_vs_fp32']:+.2f} pt)")
+                      "target_bytes 61000, int8 LSQ QAT with norm_bits 8, KD kept); one row per training budget",
+            "fp32_epochs": args.epochs, "byte_plan": comp[-1]["byte_plan"], **machine()}
+    for r in comp:
+        r.pop("byte_plan")
+    write_table(out, COMPRESS_STEM, meta, rows)
+    plot_compress(out / f"{COMPRESS_STEM}.png", fp32, comp, ref)
+    for r in comp:
+        log(f"BC-ResNet-8 -> {r['weight_bytes_deployed']:,} B after {r['prune_steps']}+{r['qat_steps']} steps: "
+            f"accuracy {fp32['accuracy']:.4f} -> {r['accuracy']:.4f} ({r['delta_acc_pt_vs_fp32']:+.2f} pt)")
     return rows
+
+
+def dense_reference(out: Path) -> dict | None:
+    """The dense int8 BC-ResNet-3 of part 1 (about the same bytes), if part 1's results are there."""
+    path = out / "kws-bcresnet-fp32-int8-ort-cpu.json"
+    if not path.is_file():
+        return None
+    for r in json.loads(path.read_text())["rows"]:
+        if r.get("tau") == 3 and r.get("precision") == "int8":
+            return {"model": "BC-ResNet-3 int8 dense (part 1, reference)", "run": path.name,
+                    "accuracy": r["accuracy"], "samples": r.get("samples"),
+                    "weight_bytes_deployed": r["weight_bytes_deployed"], "params_nonzero": r["params_nonzero"],
+                    "integer_kernels": r.get("integer_kernels")}
+    return None
+
+
+def plot_compress(path: Path, fp32: dict, comp: list[dict], ref: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    steps = [r["prune_steps"] + r["qat_steps"] for r in comp]
+    ax.plot(steps, [100 * r["accuracy"] for r in comp], "o-", label="BC-ResNet-8 -> 61 KB int8 (exported, ORT)")
+    ax.plot(steps, [100 * r["eval_acc_end_of_pruning"] for r in comp], "s--", alpha=0.6,
+            label="same run at the end of pruning (PyTorch, FP)")
+    for x, r in zip(steps, comp):
+        ax.annotate(f"{r['weight_bytes_deployed']:,} B", (x, 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=8)
+    ax.axhline(100 * fp32["accuracy"], color="k", lw=1,
+               label=f"BC-ResNet-8 FP32 ({fp32['weight_bytes_deployed'] / 1000:,.0f} KB)")
+    if ref:
+        ax.axhline(100 * ref["accuracy"], color="tab:green", lw=1, ls=":",
+                   label=f"BC-ResNet-3 int8 dense ({ref['weight_bytes_deployed']:,} B)")
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [f"{x:,}" for x in steps])
+    ax.minorticks_off()
+    lo = min(100 * min(r["accuracy"] for r in comp), 100 * ref["accuracy"] if ref else 100)
+    ax.set_ylim(lo - 2.5, 100 * fp32["accuracy"] + 1.5)
+    ax.set_xlabel("optimizer steps, pruning + QAT (batch 64, log scale)")
+    ax.set_ylabel("test accuracy, 602 clips (%)")
+    ax.set_title("BC-ResNet-8 compressed to 61,000 B: accuracy vs training budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:

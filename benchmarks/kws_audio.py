@@ -220,10 +220,6 @@ def plot_models(rows: list[dict], path: Path) -> None:
             ax.annotate(f"{r['model']}\n{r['weight_bytes_deployed'] / 1024:.1f} KB", (r["p50_ms"], 100 * r["accuracy"]),
                         textcoords="offset points", xytext=(5, 3), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xticks(steps, [f"{x:,}" for x in steps])
-    ax.minorticks_off()
-    lo = min(100 * min(r["accuracy"] for r in comp), 100 * ref["accuracy"] if ref else 100)
-    ax.set_ylim(lo - 2.5, 100 * fp32["accuracy"] + 1.5)
     lo, hi = min(r["p50_ms"] for r in rows), max(r["p50_ms"] for r in rows)
     ax.set_xlim(lo / 1.15, hi * 1.6)  # room for the labels right of the last point
     ax.set_xlabel("ORT p50 latency, batch 1, 1 thread (ms, log)")

@@ -167,6 +167,41 @@ def test_quantized_norm_is_stored_as_int8_and_matches_the_batchnorm(tmp_path):
     assert stats["bits"]["ssn.bn.a_quantized"] == 8 and stats["bits"]["ssn.bn.b_quantized"] == 8
 
 
+def test_norm_channels_of_a_pruned_kernel_do_not_set_the_grid():
+    """A conv2 output channel pruned away feeds SSN zeros: its two BN channels get running variance
+    ~0 and a = gamma/sqrt(var+eps) ~300x the others. Calibration folds them into the shift (exact for
+    a constant input), so the per-tensor grid of ``a`` is set by the live channels."""
+    torch.manual_seed(0)
+    net = SSNNet()
+    with torch.no_grad():
+        net.conv2.weight[3].zero_()  # channel 3 -> SSN channels 6 and 7 (S = 2 bands)
+    net.train()
+    with torch.no_grad():
+        for _ in range(200):  # running_var of the dead channels decays to ~0
+            net(torch.randn(16, 1, 8, 8))
+    net.eval()
+    dead = [6, 7]  # SubSpectralNorm reshapes (N, C, F, T) -> (N, C*S, F/S, T): channel c, band s -> c*S + s
+    a_float = net.ssn.bn.weight / torch.sqrt(net.ssn.bn.running_var + net.ssn.bn.eps)
+    live = [c for c in range(16) if c not in dead]
+    assert a_float[dead].abs().min() > 20 * a_float[live].abs().max()
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    gm, _ = quantize_model(net, QuantSpec(act_quantizer="ema", weight_quantizer="minmax", norm_bits=8),
+                           get_target("x86"))
+    calibrate(gm, [(x[:32], None), (x[32:], None)])
+    aff = gm.get_submodule("ssn.bn")
+    with torch.no_grad():
+        a = aff.quantized_scale()
+        assert torch.all(a[dead] == 0)
+        assert aff.aq.scale().item() <= a_float[live].abs().max().item() / 127 * 1.0001  # grid from live channels
+        assert (a[live] - a_float[live]).abs().max() <= aff.aq.scale().item() / 2 + 1e-6
+        shift = net.ssn.bn.bias - net.ssn.bn.running_mean * a_float  # the dead channels' constant output
+        assert torch.allclose(aff.quantized_shift()[dead], shift[dead], atol=aff.bq.scale().item())
+        out = gm(x)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
 def test_float_norm_parameters_are_counted_as_stored(tmp_path):
     net = trained_net()
     path = export_onnx(net, (1, 8, 8), tmp_path / "f.onnx").path

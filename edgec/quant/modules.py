@@ -152,6 +152,30 @@ class QChannelAffine(nn.Module):
         b = (bn.bias.float() if bn.bias is not None else 0.0) - bn.running_mean.float() * a
         return cls(a.to(bn.running_mean.dtype), b.to(bn.running_mean.dtype), aq, bq)
 
+    @torch.no_grad()
+    def observe(self) -> None:
+        """(Re)initialise the grids of ``a`` and ``b`` from their current values."""
+        for q, t in ((self.aq, self.a), (self.bq, self.b)):
+            q.reset()
+            q.observe(t)
+
+    @torch.no_grad()
+    def fold_constant_channels(self, lo: Tensor, hi: Tensor) -> int:
+        """Channels whose input was one constant ``c`` (``lo == hi``) become ``0 * x + (a*c + b)``.
+
+        Exact for such inputs. It matters after pruning: a channel whose conv kernel was pruned away
+        has zero input and running variance ~0, so its ``a = gamma / sqrt(var + eps)`` is ~300x the
+        live channels' and would set the one per-tensor grid of ``a`` for all of them. Returns how
+        many channels were folded.
+        """
+        const = (lo == hi).reshape(self.a.shape)
+        if not bool(const.any()):
+            return 0
+        c = lo.reshape(self.a.shape).to(self.a)
+        self.b.copy_(torch.where(const, self.a * c + self.b, self.b))
+        self.a.copy_(torch.where(const, torch.zeros_like(self.a), self.a))
+        return int(const.sum())
+
     def quantized_scale(self) -> Tensor:
         return self.aq(self.a).reshape(-1)
 

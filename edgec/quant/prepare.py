@@ -301,17 +301,29 @@ def calibrate(model: nn.Module, batches, device: torch.device | str = "cpu") -> 
     """Run calibration batches through the model with all quantizers observing, not quantizing.
 
     Weight quantizers observe their weights once; activation quantizers observe every batch.
+    Unfolded norms (:class:`QChannelAffine`) run in float during the batches while their input
+    range per channel is recorded; channels whose input was constant are folded into the shift
+    (:meth:`QChannelAffine.fold_constant_channels`) before the grids of ``a`` and ``b`` are set.
     Returns the number of samples seen.
     """
     model.eval()
+    affines = [m for m in model.modules() if isinstance(m, QChannelAffine)]
     for mod in model.modules():
         if isinstance(mod, QUANT_MODULES):
             mod.wq.observe(mod.weight if getattr(mod, "weight_mask", None) is None else mod.weight * mod.weight_mask)
-        elif isinstance(mod, QChannelAffine):
-            mod.aq.observe(mod.a)
-            mod.bq.observe(mod.b)
+    ranges: dict[QChannelAffine, list] = {}
+
+    def track(mod, args):
+        x = args[0].detach().transpose(0, 1).reshape(mod.num_features, -1)
+        lo, hi = x.amin(1), x.amax(1)
+        if mod in ranges:
+            lo, hi = torch.minimum(ranges[mod][0], lo), torch.maximum(ranges[mod][1], hi)
+        ranges[mod] = [lo, hi]
+
+    hooks = [m.register_forward_pre_hook(track) for m in affines]
     act = [m.q for m in model.modules() if isinstance(m, ActQuant)]
-    for q in act:
+    passing = act + [q for m in affines for q in (m.aq, m.bq)]
+    for q in passing:
         q.calibrating = True
     seen = 0
     try:
@@ -319,6 +331,12 @@ def calibrate(model: nn.Module, batches, device: torch.device | str = "cpu") -> 
             model(x.to(device))
             seen += len(x)
     finally:
-        for q in act:
+        for q in passing:
             q.calibrating = False
+        for h in hooks:
+            h.remove()
+    for m in affines:
+        if m in ranges:
+            m.fold_constant_channels(*ranges[m])
+        m.observe()
     return seen

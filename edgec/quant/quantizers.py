@@ -73,6 +73,10 @@ class Quantizer(nn.Module):
     def scale(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def reset(self) -> None:  # pragma: no cover - abstract
+        """Forget what was observed: the next :meth:`observe` initialises the scale afresh."""
+        raise NotImplementedError
+
     def observe(self, x: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -129,6 +133,10 @@ class LSQQuantizer(Quantizer):
         self.initialized.fill_(True)
 
     @torch.no_grad()
+    def reset(self) -> None:
+        self.initialized.fill_(False)
+
+    @torch.no_grad()
     def init_from_range(self, absmax: Tensor) -> None:
         self.step.copy_((absmax / self.qmax).clamp_min(1e-8).reshape(self.channels))
         self.initialized.fill_(True)
@@ -179,6 +187,11 @@ class RangeQuantizer(Quantizer):
         else:
             self.absmax.mul_(1 - self.momentum).add_(self.momentum * cur)
         self.batches += 1
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.absmax.zero_()
+        self.batches.zero_()
 
     def scale(self) -> Tensor:
         return (self.absmax / self.qmax).clamp_min(1e-8)

@@ -374,12 +374,15 @@ def compress_row(run_dir: Path) -> dict:
             "clips_per_epoch": st[0].get("max_train_samples") or "all",
             "prune_steps": prune[-1]["step"], "qat_steps": qat[-1]["step"],
             "train_s": round(sum(e["time_s"] for e in epochs)),
-            "eval_acc_end_of_pruning": prune[-1]["eval_acc"],
-            "accuracy": r["accuracy"], "samples": r["samples"],
+            "eval_acc_end_of_pruning": prune[-1]["eval_acc"], **report_fields(r), "byte_plan": plan}
+
+
+def report_fields(r: dict) -> dict:
+    """The columns of one report.json row (an exported model measured by the run's bench)."""
+    return {"accuracy": r["accuracy"], "samples": r["samples"],
             "weight_bytes_deployed": r["weight_bytes_deployed"], "params_nonzero": r["params_nonzero"],
             "sparsity": r["sparsity"], "p50_ms": r["latency_p50_ms"], "file_bytes": r["file_bytes"],
-            "integer_kernels": r["integer_kernels"], "parity_top1_vs_pytorch": r["parity_top1"],
-            "byte_plan": plan}
+            "integer_kernels": r["integer_kernels"], "parity_top1_vs_pytorch": r["parity_top1"]}
 
 
 def part_compress(root: Path, args, out: Path, work: Path) -> list[dict]:
@@ -398,11 +401,7 @@ def part_compress(root: Path, args, out: Path, work: Path) -> list[dict]:
     else:
         rep = run_recipe("bcresnet8", weights, spec, "bcresnet-asc", sets, run_dir)
     fp = next(r for r in rep["rows"] if r["format"] == "onnx-fp32")
-    fp32 = {"model": "BC-ResNet-8 fp32", "run": f"bcresnet8_e{args.epochs}_mall_s{args.seed}.pt",
-            "accuracy": fp["accuracy"], "samples": fp["samples"],
-            "weight_bytes_deployed": fp["weight_bytes_deployed"], "params_nonzero": fp["params_nonzero"],
-            "sparsity": fp["sparsity"], "p50_ms": fp["latency_p50_ms"], "file_bytes": fp["file_bytes"],
-            "integer_kernels": fp["integer_kernels"], "parity_top1_vs_pytorch": fp["parity_top1"]}
+    fp32 = {"model": "BC-ResNet-8 fp32", "run": weights.name, **report_fields(fp)}
     runs = sorted(work.glob(f"run-bcresnet8-61kb-e{args.epochs}-*/report.json"))
     comp = sorted((compress_row(p.parent) for p in runs), key=lambda r: (r["prune_steps"], r["qat_steps"]))
     for r in comp:

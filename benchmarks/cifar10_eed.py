@@ -71,7 +71,7 @@ def _key(*parts) -> str:
 
 def run_eed(spec: str, base: Path, work: Path, sets: tuple[str, ...]) -> tuple[Path, float]:
     """The compress run, resumed when an earlier attempt with the same settings was interrupted."""
-    from edgec.compress import CompressRequest, compress
+    from edgec.pipeline import CompressRequest, compress
     from edgec.recipe import load_recipe
     from edgec.runs import file_sha256
 
@@ -170,7 +170,8 @@ def main() -> int:
     import torch
 
     from edgec.data import load_data, to_numpy
-    from edgec.ensemble_bench import export_ensemble, onnx_accuracy, pgd_subset, robust_inputs
+    from edgec.bench.robustness import onnx_accuracy, pgd_subset, robust_inputs
+    from edgec.export.ensemble import export_ensemble
     from edgec.export.check import check_export
     from edgec.export.onnx_export import export_onnx
     from edgec.runs import file_sha256, read_run
@@ -190,7 +191,7 @@ def main() -> int:
     run = read_run(run_dir)
 
     # ---- models and artifacts -----------------------------------------------------------------
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
 
     ens = rebuild_model(run_dir, "final")
     dense = dense_at_model(run_dir)

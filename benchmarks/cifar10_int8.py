@@ -148,7 +148,8 @@ def main() -> int:
     import torch
 
     from edgec.bench import bench
-    from edgec.compress import CompressRequest, compress, rebuild_model
+    from edgec.pipeline import CompressRequest, compress
+    from edgec.runs import rebuild_model
     from edgec.data import calibration_subset, load_data, save_manifest, to_numpy
     from edgec.export.check import check_export, fused_ops
     from edgec.export.onnx_export import export_onnx

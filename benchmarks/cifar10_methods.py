@@ -72,7 +72,8 @@ def recipes(epochs: int, samples: int) -> dict[str, tuple[str, dict]]:
 
 def run_one(name: str, recipe: dict, seed: int, spec: str, base: Path, ex, ey) -> dict:
     from edgec.bench import bench
-    from edgec.compress import CompressRequest, compress, rebuild_model
+    from edgec.pipeline import CompressRequest, compress
+    from edgec.runs import rebuild_model
     from edgec.export.check import check_export
     from edgec.export.onnx_export import export_onnx
     from edgec.prune import sparsity_stats

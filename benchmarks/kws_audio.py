@@ -145,7 +145,7 @@ def fp32_baseline(root: Path, tau: int, args, work: Path) -> tuple[Path, str]:
 
 def run_recipe(model: str, weights: Path, spec: str, recipe: str, overrides: list[str], out: Path) -> dict:
     """``edgec compress`` in-process (export + ORT bench + report); returns report.json."""
-    from edgec.compress import CompressRequest, compress
+    from edgec.pipeline import CompressRequest, compress
 
     t = time.perf_counter()
     compress(CompressRequest(model=model, weights=str(weights), data=spec, recipe=recipe, overrides=tuple(overrides),

@@ -21,9 +21,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
 app.add_typer(recipes_app, name="recipes")
 
-_state = {"verbose": False}
-
-
 def _console():
     from rich.console import Console
 
@@ -32,7 +29,7 @@ def _console():
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks on errors")] = False):
-    _state["verbose"] = verbose
+    """(``--verbose`` is read by :func:`main` before the command runs.)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +59,7 @@ def compress(
     no_export: Annotated[bool, typer.Option("--no-export", help="stop after training (run `edgec export` later)")] = False,
 ):
     """Compress a trained model with a recipe, then export, bench and report."""
-    from edgec.compress import CompressRequest, compress as run
+    from edgec.pipeline import CompressRequest, compress as run
 
     run(CompressRequest(model=model, data=data, recipe=recipe, weights=weights, overrides=tuple(set_ or ()),
                         out=out, device=device, resume=resume, force=force, trust_pickle=trust_pickle,
@@ -110,42 +107,41 @@ def bench(
     For a dynamic ensemble (eed; RUN_DIR/export/ensemble/ensemble.json): sub-models used per input,
     latency with early exit vs always all K members (interleaved rounds), clean accuracy and PGD
     accuracy (attack white-box on the run's PyTorch ensemble, evaluated on the ORT artifact)."""
-    from edgec.bench import bench as run_bench, print_bench_table
-    from edgec.errors import BudgetExceeded
     from edgec.atomic import atomic_write_text
+    from edgec.errors import BudgetExceeded
     from edgec.runtime.ensemble import is_ensemble_path
 
-    if is_ensemble_path(model):
-        from edgec.ensemble_bench import bench_ensemble_artifact, print_ensemble_table
-
-        console = _console()
-        try:
-            res = bench_ensemble_artifact(model, data=data, run_dir=run, eval_samples=eval_samples,
-                                          pgd_samples=pgd_samples, pgd_steps=pgd_steps, pgd_eps=pgd_eps,
-                                          threads=threads, batch=batch, rounds=rounds, warmup=warmup, runs=runs,
-                                          budget_ms=budget_ms, console=console)
-            err = None
-        except BudgetExceeded as exc:
-            res, err = exc.results, exc
-        print_ensemble_table(res, console)
-        if json_out is not None:
-            atomic_write_text(json_out, json.dumps(res, indent=2, default=str))
-        if err is not None:
-            raise err
-        return
-    ex = ey = None
-    if data is not None:
-        from edgec.data import load_data, to_numpy
-
-        ex, ey = to_numpy(load_data(data, max_eval=eval_samples).eval)  # seeded, class-stratified subset
     console = _console()
+    if is_ensemble_path(model):
+        from edgec.bench.ensemble import bench_ensemble_artifact, print_ensemble_table
+
+        def measure():
+            return bench_ensemble_artifact(model, data=data, run_dir=run, eval_samples=eval_samples,
+                                           pgd_samples=pgd_samples, pgd_steps=pgd_steps, pgd_eps=pgd_eps,
+                                           threads=threads, batch=batch, rounds=rounds, warmup=warmup, runs=runs,
+                                           budget_ms=budget_ms, console=console)
+
+        def show(res):
+            print_ensemble_table(res, console)
+    else:
+        from edgec.bench import bench as run_bench, print_bench_table
+
+        def measure():
+            ex = ey = None
+            if data is not None:
+                from edgec.data import load_data, to_numpy
+
+                ex, ey = to_numpy(load_data(data, max_eval=eval_samples).eval)  # seeded, class-stratified subset
+            return run_bench(model, eval_x=ex, eval_y=ey, threads=threads, batch=batch, warmup=warmup, runs=runs,
+                             providers=provider, budget_ms=budget_ms)
+
+        def show(res):
+            print_bench_table([res], console)
     try:
-        res = run_bench(model, eval_x=ex, eval_y=ey, threads=threads, batch=batch, warmup=warmup, runs=runs,
-                        providers=provider, budget_ms=budget_ms)
-        err = None
-    except BudgetExceeded as exc:
+        res, err = measure(), None
+    except BudgetExceeded as exc:  # the results are shown and saved, then the budget fails the command
         res, err = exc.results, exc
-    print_bench_table([res], console)
+    show(res)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(res, indent=2, default=str))
     if err is not None:
@@ -219,20 +215,30 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - usage errors and unexpected failures
+        usage = _usage_error(exc)
+        if usage is not None:
+            sys.exit(usage)
         if verbose:
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc}\n  (run with --verbose for the traceback)",
               file=sys.stderr)
         sys.exit(1)
     sys.exit(0)
+
+
+def _usage_error(exc: Exception) -> int | None:
+    """A command-line usage error (missing option, bad value, unknown command): print it the way the
+    parser formats it and return its exit code (2); None for any other exception. Typer's parser
+    (click, or typer's own in typer >= 0.29 which no longer installs click) raises these with a
+    ``show()`` method and an ``exit_code``; an ``Exit`` carries only the code."""
+    kinds = {c.__name__ for c in type(exc).__mro__}
+    if "Exit" in kinds and hasattr(exc, "exit_code"):
+        return int(exc.exit_code)
+    if hasattr(exc, "show") and hasattr(exc, "exit_code") and ({"ClickException", "UsageError"} & kinds):
+        exc.show()
+        return int(exc.exit_code)
+    return None
 
 
 def _print_error(exc: EdgecError) -> None:

@@ -34,7 +34,7 @@ def train_baseline(out: Path, *, console=None, seed: int = 0) -> tuple[Path, flo
 
 
 def run_demo(out: Path, *, force: bool = True, console=None) -> Path:
-    from edgec.compress import CompressRequest, compress
+    from edgec.pipeline import CompressRequest, compress
 
     out = Path(out)
     t0 = time.perf_counter()

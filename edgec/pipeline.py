@@ -1,153 +1,407 @@
-"""After compression: export the input and compressed models, check them, bench them, report.
+"""One compress run, in one direction: load and validate -> stages -> export -> bench -> report.
 
-Accuracy that counts is measured on the exported artifact in ONNX Runtime (DESIGN.md principle 4).
+1. everything is loaded and validated up front (recipe, data, model, teachers, byte budgets): every
+   error before any training;
+2. the stages run in order with the shared engine (:func:`edgec.stages.runner.run_stages`);
+3. the FP32 input model and the compressed model, as they are in memory, are exported to ONNX and
+   checked (:func:`edgec.export.artifact.export_model`);
+4. both artifacts are measured in ONNX Runtime (accuracy, size, memory; latency of the two in one
+   interleaved run, :func:`edgec.bench.compare.compare_latency`), robust accuracy when the recipe
+   trains adversarially, EED's dynamic ensemble when there is one;
+5. the report is written (:func:`edgec.report.write_report`).
+
+Every arrow is also a file in the run directory (:mod:`edgec.runs`), so ``edgec export RUN_DIR`` and
+``edgec bench`` re-run steps 3 and 4 alone from disk. The typed :class:`edgec.recipe.Recipe` travels
+through all steps; the data is loaded once.
 """
 from __future__ import annotations
 
+import copy
 import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from edgec.errors import ExportError
-from edgec.atomic import atomic_write_text
-from edgec.runs import read_run
+from edgec import __version__
+from edgec.atomic import atomic_torch_save, atomic_write_text
+from edgec.errors import ExportError, RunDirError
+from edgec.recipe import Recipe, dump_recipe, load_recipe
+from edgec.runs import IN_MEMORY, build_model, file_sha256, fingerprint, prepare_run_dir, read_run, rebuild_model, \
+    run_recipe
+
+__all__ = ["CompressRequest", "RunResult", "compress", "export_run", "finish_run"]
 
 
-def _eval_arrays(run: dict, limit: int | None):
-    x, y, _ = _eval_data(run, limit)
-    return x, y
+@dataclass
+class CompressRequest:
+    """What ``edgec compress`` was asked (the CLI's options); the Python API builds one too."""
+
+    model: str
+    data: str
+    recipe: str
+    weights: str | None = None
+    overrides: tuple[str, ...] = ()
+    out: Path = Path("runs/latest")
+    device: str = "auto"
+    resume: bool = False
+    force: bool = False
+    trust_pickle: bool = False
+    export: bool = True
 
 
-def _eval_data(run: dict, limit: int | None):
-    """Eval inputs, labels and per-sample groups (speaker, device, ...; aligned with the samples)."""
+@dataclass
+class RunResult:
+    """The outcome of a compress run: where it is, the report rows, and the models in memory."""
+
+    run_dir: Path
+    rows: list[dict] = field(default_factory=list)
+    report: dict[str, str] = field(default_factory=dict)  # md / json / png paths
+    artifacts: dict[str, dict] = field(default_factory=dict)  # export checks by artifact name
+    model: Any = None  # the compressed model (CPU, eval mode)
+    input_model: Any = None  # the FP32 model as given
+    latency: dict | None = None  # the interleaved latency comparison behind the rows
+
+    def __fspath__(self) -> str:
+        return str(self.run_dir)
+
+
+@dataclass
+class _Inputs:
+    recipe: Recipe
+    data: Any  # edgec.data.DataBundle
+    model: Any
+    teachers: dict[int, Any]
+    identity: dict
+
+
+def _abs_spec(spec: str) -> str:
+    """Make a file-based model spec absolute so the run can be rebuilt from anywhere."""
+    path, sep, factory = spec.rpartition(":")
+    if sep and (path.endswith(".py") or "/" in path) and Path(path).exists():
+        return f"{Path(path).resolve()}:{factory}"
+    return spec
+
+
+def _abs_data(spec: str) -> str:
+    kind, sep, arg = spec.partition(":")
+    if sep and kind in ("cifar10", "imagefolder") and Path(arg).exists():
+        return f"{kind}:{Path(arg).resolve()}"
+    if sep and kind == "python":
+        return f"python:{_abs_spec(arg)}"
+    return spec
+
+
+def resolve_teachers(recipe: Recipe, input_model, *, num_classes: int, in_channels: int,
+                     trust_pickle: bool) -> dict[int, Any]:
+    teachers = {}
+    for i, st in enumerate(recipe.stages):
+        kd = getattr(st, "kd", None)
+        if kd is None:
+            continue
+        if kd.teacher == "input":
+            teachers[i] = copy.deepcopy(input_model).eval()
+        else:
+            teachers[i] = build_model(kd.teacher, num_classes=num_classes, in_channels=in_channels,
+                                      weights=kd.teacher_weights, trust_pickle=trust_pickle).eval()
+    return teachers
+
+
+def check_byte_budgets(recipe: Recipe, model) -> None:
+    """Every ``prune`` stage's ``target_bytes`` must be reachable by pruning this model (checked before
+    any training; raises RecipeError naming what takes the bytes)."""
+    from edgec.budget import deployment_norm_bits, plan_bytes
+    from edgec.errors import RecipeError
+
+    for i, st in enumerate(recipe.stages):
+        if st.method == "prune" and st.target_bytes is not None:
+            try:
+                plan_bytes(model, target_bytes=st.target_bytes, deployed_bits=st.deployed_bits,
+                           norm_bits=deployment_norm_bits(recipe), include_first_last=st.prune_first_last)
+            except RecipeError as e:
+                raise RecipeError(f"stages.{i}.target_bytes: {e.message}", hint=e.hint) from e
+
+
+def _plain_print(*objects) -> None:
+    """Log lines without a rich console (library use, benchmarks): rich markup stripped, not printed raw."""
+    from rich.text import Text
+
+    print(*(Text.from_markup(o).plain if isinstance(o, str) else o for o in objects))
+
+
+def _model_identity(model) -> str:
+    """The SPEC recorded for an in-memory model: its class and a hash of its initial state."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    cls = type(model)
+    return f"{IN_MEMORY}{cls.__module__}.{cls.__qualname__} {h.hexdigest()[:16]}>"
+
+
+def load_inputs(req: CompressRequest, *, model=None, data=None, recipe: Recipe | None = None) -> _Inputs:
+    """Step 1: recipe, data, model and teachers, all validated before any training.
+
+    ``model`` / ``data`` / ``recipe`` given as objects (Python API) replace the request's SPECs."""
+    import torch
+
+    from edgec.data import load_data
+    from edgec.stages import get_handler
+
+    recipe = recipe if recipe is not None else load_recipe(req.recipe, list(req.overrides))
+    for st in recipe.stages:
+        get_handler(st.method)
+    data = data if data is not None else load_data(req.data, seed=recipe.seed)
+    num_classes, in_channels = data.num_classes, data.input_shape[0]
+    if model is None:
+        torch.manual_seed(recipe.seed)  # a model without --weights is initialised reproducibly
+        model = build_model(req.model, num_classes=num_classes, in_channels=in_channels, weights=req.weights,
+                            trust_pickle=req.trust_pickle)
+        model_spec = _abs_spec(req.model)
+    else:
+        model_spec = _model_identity(model)
+    teachers = resolve_teachers(recipe, model, num_classes=num_classes, in_channels=in_channels,
+                                trust_pickle=req.trust_pickle)
+    check_byte_budgets(recipe, model)
+    identity = {"model": model_spec, "data": _abs_data(req.data if req.data else data.spec),
+                "weights_sha256": file_sha256(Path(req.weights)) if req.weights else None,
+                "recipe": recipe.model_dump(mode="json")}
+    return _Inputs(recipe, data, model, teachers, identity)
+
+
+def _write_run_files(run_dir: Path, inp: _Inputs, req: CompressRequest) -> dict:
+    data = inp.data
+    run = {"edgec": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "fingerprint": fingerprint(inp.identity), "identity": inp.identity, "weights": req.weights,
+           "num_classes": data.num_classes, "input_shape": list(data.input_shape), "classes": data.classes,
+           "normalization": data.normalization}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "run.json", json.dumps(run, indent=2))
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(inp.recipe))
+    atomic_torch_save({"model": inp.model.state_dict()}, run_dir / "model_input.pt")
+    atomic_write_text(run_dir / "state.json", json.dumps({"completed": 0}))
+    return run
+
+
+def compress(req: CompressRequest, *, console=None, model=None, data=None, recipe: Recipe | None = None) -> RunResult:
+    """Run a compression recipe end to end (steps 1-5); returns the run's :class:`RunResult`."""
+    import torch
+
+    from edgec.distributed import barrier, init_distributed, is_main, shutdown_distributed
+    from edgec.stages.runner import run_stages
+
+    log = console.print if console is not None else _plain_print
+    inp = load_inputs(req, model=model, data=data, recipe=recipe)
+    recipe, data = inp.recipe, inp.data
+    dist = init_distributed(req.device)
+    inp.identity["world_size"] = dist.world_size
+    run_dir = Path(req.out)
+    continuing = prepare_run_dir(run_dir, inp.identity, resume=req.resume, force=req.force) if is_main() else False
+    barrier()
+    if not req.weights and model is None:
+        log("[yellow]no --weights given: compressing a randomly initialised model[/]")
+    log(f"data: {data.describe()}")
+    log(f"recipe: {recipe.name} ({len(recipe.stages)} stages, target {recipe.target}) -> {run_dir}")
+
+    completed = 0
+    if continuing:  # the input model as the first attempt saw it (also the KD teacher "input")
+        if (run_dir / "state.json").is_file():
+            completed = int(json.loads((run_dir / "state.json").read_text())["completed"])
+        inp.model.load_state_dict(torch.load(run_dir / "model_input.pt", map_location="cpu",
+                                             weights_only=True)["model"])
+        inp.teachers = resolve_teachers(recipe, inp.model, num_classes=data.num_classes,
+                                        in_channels=data.input_shape[0], trust_pickle=req.trust_pickle)
+    elif is_main():
+        _write_run_files(run_dir, inp, req)
+    barrier()
+    input_model = copy.deepcopy(inp.model).cpu().eval()
+    final = run_stages(inp.model, recipe, data=data, run_dir=run_dir, dist=dist, teachers=inp.teachers,
+                       resume=req.resume, completed=completed, log=log)
+    if dist.world_size > 1:
+        shutdown_distributed()
+    result = RunResult(run_dir=run_dir, model=final.cpu().eval(), input_model=input_model)
+    if not is_main() or not req.export:
+        return result
+    if not recipe.export.enabled:
+        log("export.enabled is false in the recipe: nothing exported or benched (run `edgec export RUN_DIR` later)")
+        return result
+    return finish_run(run_dir, read_run(run_dir), recipe, data, input_model, result.model, console=console,
+                      result=result)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps 3-5
+
+
+def _parity_inputs(ex, n: int):
+    return ex[:: max(1, len(ex) // n)][:n]  # spread over the eval set (often sorted by class)
+
+
+def _eval_arrays(data, recipe: Recipe):
+    """Eval inputs, labels and per-sample groups for the artifacts' measurement. A ``bench.eval_samples``
+    limit draws its seeded, class-stratified subset from the data SPEC (eval folders are sorted by class)."""
     from edgec.data import load_data, to_numpy
 
-    # max_eval draws a seeded, class-stratified subset (eval folders are often sorted by class)
-    data = load_data(run["identity"]["data"], seed=run["identity"]["recipe"].get("seed", 0), max_eval=limit)
+    n = recipe.bench.eval_samples
+    if n is not None and n < len(data.eval):
+        data = load_data(data.spec, seed=recipe.seed, max_eval=n)
     x, y = to_numpy(data.eval)
     return x, y, dict(data.groups or {})
 
 
-def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=None) -> dict:
-    """Export one model to ONNX, run the self-checks, print and return them."""
-    from edgec.bench import onnx_weight_stats
-    from edgec.export.check import check_export
-    from edgec.export.onnx_export import export_onnx
+def _bits(recipe: Recipe) -> str:
+    from edgec.stages import quantizing_methods
 
-    from edgec.export.metadata import write_model_metadata
+    quant = next((s for s in recipe.stages if s.method in quantizing_methods()), None)
+    return f"w{quant.weight_bits}a{quant.act_bits}" if quant else "fp32"
 
-    res = export_onnx(model, tuple(run["input_shape"]), out, opset=opset)
-    # class names (and an audio model's front end) travel inside the file to the device runner
-    write_model_metadata(out, classes=run.get("classes"), normalization=run.get("normalization"))
-    parity = check_export(model, out, parity_x)
-    stats = onnx_weight_stats(out)
-    info = {"path": str(out), "quantized": res.quantized, "opset": opset, "parity": parity.as_dict(),
-            "file_bytes": out.stat().st_size, "weight_bytes_deployed": stats["weight_bytes_deployed"],
-            "sparse_index_bytes": stats["sparse_index_bytes"], "params_nonzero": stats["params_nonzero"],
-            "params_total": stats["params_total"], "weights": res.weight_tensors}
-    atomic_write_text(out.with_suffix(".check.json"), json.dumps(info, indent=2))
-    if console is not None:
-        ok = parity.top1_agreement >= 0.99
-        colour = "green" if ok else "red"
-        console.print(
-            f"exported {out.name}: onnx.checker ok; parity on {parity.samples} real samples: "
-            f"max |diff| {parity.max_abs_diff:.4g}, top-1 agreement [{colour}]{parity.top1_agreement:.2%}[/]; "
-            f"ORT integer kernels: {parity.fused_compute}/{parity.compute_nodes} Conv/Gemm fused "
-            f"{dict(parity.integer_ops) or ''}; file {info['file_bytes'] / 1024:.1f} KB, "
-            f"deployed weights {info['weight_bytes_deployed'] / 1024:.1f} KB "
-            f"(+{info['sparse_index_bytes'] / 1024:.1f} KB sparse bitmask), {info['params_nonzero']:,} non-zero params")
-        if not ok:
-            console.print("[red]warning: exported model disagrees with PyTorch on more than 1% of samples[/]")
-    return info
+
+def _row(name: str, which: str, info: dict, b: dict | None, bits: str, sparsity: float) -> dict:
+    b = b or {}
+    lat = b.get("latency_ms") or {}
+    row = {"name": name, "format": "onnx-int8" if info["quantized"] else "onnx-fp32",
+           "bits": bits if which == "final" else "fp32", "accuracy": b.get("accuracy"),
+           "latency_p50_ms": lat.get("p50"), "latency_p90_ms": lat.get("p90"),
+           "throughput_per_s": b.get("throughput_per_s"), "file_bytes": info["file_bytes"],
+           "weight_bytes_deployed": info["weight_bytes_deployed"], "sparse_index_bytes": info["sparse_index_bytes"],
+           "sparsity": sparsity, "params_nonzero": info["params_nonzero"],
+           "parity_top1": info["parity"]["top1_agreement"], "parity_max_abs_diff": info["parity"]["max_abs_diff"],
+           "integer_kernels": f"{info['parity']['fused_compute']}/{info['parity']['compute_nodes']}",
+           "batch": b.get("batch"), "threads": b.get("threads"), "samples": b.get("samples"), "path": info["path"]}
+    if b.get("accuracy_by_group"):
+        row["accuracy_by_group"] = b["accuracy_by_group"]
+    return row
+
+
+def _interleaved_latency(rows: list[dict], recipe: Recipe, ex, console) -> dict:
+    """Time the artifacts of ``rows`` in one interleaved run; their latency fields take its numbers."""
+    from edgec.bench.compare import compare_latency
+
+    bc = recipe.bench
+    cmp = compare_latency({r["name"]: r["path"] for r in rows}, threads=bc.threads, batch=bc.batch, warmup=bc.warmup,
+                          runs=bc.runs, rounds=bc.rounds, sample=ex[:bc.batch] if ex is not None else None)
+    for r in rows:
+        m, s = cmp["models"][r["name"]], cmp["speedup_vs_first"][r["name"]]
+        r.update(latency_p50_ms=m["p50_ms"], latency_p90_ms=m["p90_ms"], throughput_per_s=m["throughput_per_s"],
+                 latency_rounds=cmp["rounds"], latency_round_p50_ms=m["round_p50_ms"],
+                 speedup_vs_fp32=s["median"], speedup_spread=[s["min"], s["max"]], latency_method=cmp["method"])
+    return cmp
+
+
+def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, final_model, *, console=None,
+               result: RunResult | None = None) -> RunResult:
+    """Steps 3-5 on the models in memory: export + check both, bench them in ORT, write the report."""
+    from edgec.bench import bench, print_bench_table
+    from edgec.bench.robustness import robustness_rows
+    from edgec.export.artifact import export_model
+    from edgec.prune import sparsity_stats
+    from edgec.report import write_report
+
+    run_dir = Path(run_dir)
+    result = result or RunResult(run_dir=run_dir, model=final_model, input_model=input_model)
+    ex, ey, groups = _eval_arrays(data, recipe)
+    px = _parity_inputs(ex, recipe.export.parity_samples)
+    rows, benches = [], []
+    for which, fname, model in (("input", "model_fp32", input_model), ("final", "model_compressed", final_model)):
+        info = export_model(model, run, run_dir / "export" / f"{fname}.onnx", opset=recipe.export.opset,
+                            parity_x=px, console=console)
+        result.artifacts[fname] = info
+        b = None
+        if recipe.bench.enabled:
+            b = bench(info["path"], eval_x=ex, eval_y=ey, threads=recipe.bench.threads, batch=recipe.bench.batch,
+                      warmup=recipe.bench.warmup, runs=recipe.bench.runs, eval_groups=groups, latency=False)
+            benches.append(b)
+        name = "fp32 input" if which == "input" else recipe.name
+        rows.append(_row(name, which, info, b, _bits(recipe), sparsity_stats(model)["sparsity"]))
+    ensemble_dir = None
+    if hasattr(final_model, "members"):  # eed: the deployable dynamic ensemble (member graphs + ensemble.json)
+        from edgec.export.ensemble import ENSEMBLE_DIR, export_run_ensemble
+
+        result.artifacts["ensemble"] = export_run_ensemble(final_model, run, recipe, run_dir / "export",
+                                                           opset=recipe.export.opset, parity_x=px, console=console)
+        ensemble_dir = run_dir / "export" / ENSEMBLE_DIR
+    if recipe.bench.enabled:
+        result.latency = _interleaved_latency(rows, recipe, ex, console)
+        for b, r in zip(benches, rows):  # the table shows the interleaved timing, the one the report uses
+            m = result.latency["models"][r["name"]]
+            b["latency_ms"].update(p50=m["p50_ms"], p90=m["p90_ms"], mean=m["mean_ms"])
+            b["throughput_per_s"] = m["throughput_per_s"]
+        if console is not None:
+            print_bench_table(benches, console)
+            console.print(f"latency: {result.latency['method']}, batch {recipe.bench.batch}, "
+                          f"{recipe.bench.threads} thread(s)")
+        adv = robustness_rows(run, recipe, rows, {"input": input_model, "final": final_model}, ex, ey,
+                              console=console)
+        if ensemble_dir is not None:
+            from edgec.bench.ensemble import run_ensemble_rows
+
+            rows += run_ensemble_rows(ensemble_dir, recipe, ex, ey, adv=adv, console=console)
+    else:
+        (console.print if console is not None else _plain_print)(
+            "bench.enabled is false in the recipe: artifacts exported and checked, not measured")
+    result.rows = rows
+    paths = write_report(run_dir, rows, title=f"edgec {recipe.name} on {run['identity']['data']}")
+    result.report = {k: str(v) for k, v in paths.items()}
+    if console is not None and recipe.bench.enabled and rows[0]["accuracy"] is not None:
+        _print_summary(console, rows, paths)
+    return result
+
+
+def _print_summary(console, rows: list[dict], paths: dict) -> None:
+    a0, a1 = rows[0]["accuracy"], rows[1]["accuracy"]
+    lo, hi = rows[1]["speedup_spread"]
+    console.print(f"[bold]accuracy {a0:.2%} -> {a1:.2%} ({(a1 - a0) * 100:+.2f} pt), "
+                  f"ORT p50 speed-up x{rows[1]['speedup_vs_fp32']:.2f} (x{lo:.2f}-x{hi:.2f} over "
+                  f"{rows[1]['latency_rounds']} interleaved rounds), deployed weights "
+                  f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
+    console.print(f"report: {paths['md']}  plot: {paths['png']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# `edgec export RUN_DIR`: step 3 alone, from disk
 
 
 def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = None, out: Path | None = None,
-               fmt: str = "onnx", console=None) -> dict:
-    """``edgec export RUN_DIR``: the compressed model -> ONNX (and a TensorRT engine for tensorrt)."""
-    from edgec.compress import rebuild_model
+               fmt: str = "onnx", console=None, model=None, data=None) -> dict:
+    """The run's compressed model -> ONNX (and the dynamic ensemble for eed, a TensorRT engine for tensorrt).
+
+    ``model`` / ``data``: a fresh instance of the architecture / the DataBundle, for runs started from
+    an in-memory model or dataset (Python API)."""
+    from edgec.data import load_data, to_numpy
+    from edgec.export.artifact import export_model
 
     run_dir = Path(run_dir)
     run = read_run(run_dir)
-    recipe = run["identity"]["recipe"]
-    trained_for = recipe.get("target", "x86")
-    target = target or trained_for
-    if target != trained_for:
+    recipe = run_recipe(run)
+    target = target or recipe.target
+    if target != recipe.target:
         raise ExportError(
-            f"this run was trained for target {trained_for!r}, whose integer ranges differ from {target!r}",
+            f"this run was trained for target {recipe.target!r}, whose integer ranges differ from {target!r}",
             hint=f"re-run compress with `--set target={target}` so QAT trains for that target's ranges")
     if fmt != "onnx":
         raise ExportError(f"unknown format {fmt!r}", hint="use --format onnx")
-    opset = opset or recipe.get("export", {}).get("opset", 17)
-    model = rebuild_model(run_dir, "final")
-    px, _ = _eval_arrays(run, recipe.get("export", {}).get("parity_samples", 1000))
+    opset = opset or recipe.export.opset
+    final = rebuild_model(run_dir, "final", model=model)
+    if data is not None:
+        px = _parity_inputs(to_numpy(data.eval)[0], recipe.export.parity_samples)
+    elif run["identity"]["data"].startswith(IN_MEMORY):
+        raise RunDirError(f"{run_dir} was compressed on an in-memory dataset ({run['identity']['data']}); its "
+                          "parity samples cannot be reloaded from a SPEC",
+                          hint="export it in Python: edgec.export_run(RUN_DIR, data=<the DataBundle or (train, eval)>)")
+    else:
+        data = load_data(run["identity"]["data"], seed=recipe.seed, max_eval=recipe.export.parity_samples)
+        px, _ = to_numpy(data.eval)
     out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
-    info = export_model(model, run, out, opset=opset, parity_x=px, console=console)
-    if hasattr(model, "members"):  # eed: also the deployable dynamic ensemble (member graphs + ensemble.json)
-        from edgec.ensemble_bench import ENSEMBLE_DIR, export_ensemble
+    info = export_model(final, run, out, opset=opset, parity_x=px, console=console)
+    if hasattr(final, "members"):  # eed: also the deployable dynamic ensemble (member graphs + ensemble.json)
+        from edgec.export.ensemble import export_run_ensemble
 
-        eed = next(s for s in reversed(recipe["stages"]) if s["method"] == "eed")
-        info["ensemble"] = export_ensemble(model, run, out.parent / ENSEMBLE_DIR, opset=opset, parity_x=px,
-                                           agree=eed.get("agree"), console=console,
-                                           extra_meta={"scores": eed["scores"], "target_sparsity": eed["target_sparsity"]})
+        info["ensemble"] = export_run_ensemble(final, run, recipe, out.parent, opset=opset, parity_x=px,
+                                               console=console)
     if target == "tensorrt":
         from edgec.export.tensorrt import build_engine
 
         info["engine"] = str(build_engine(out, out.with_suffix(".engine"), int8=True))
     return info
-
-
-def finish_run(run_dir: Path, *, console=None) -> dict:
-    """Export FP32 input + compressed model, bench both in ORT with accuracy, write the report."""
-    from edgec.bench import bench, print_bench_table
-    from edgec.compress import rebuild_model
-    from edgec.prune import sparsity_stats
-    from edgec.recipe import QUANT_METHODS
-    from edgec.report import write_report
-
-    run_dir = Path(run_dir)
-    run = read_run(run_dir)
-    recipe = run["identity"]["recipe"]
-    bcfg = recipe.get("bench", {})
-    ecfg = recipe.get("export", {})
-    ex, ey, groups = _eval_data(run, bcfg.get("eval_samples"))
-    n_par = ecfg.get("parity_samples", 1000)
-    px = ex[:: max(1, len(ex) // n_par)][:n_par]  # spread over the eval set (often sorted by class)
-    opset = ecfg.get("opset", 17)
-    rows, benches = [], []
-    quant_stage = next((s for s in recipe["stages"] if s["method"] in QUANT_METHODS), None)
-    bits = f"w{quant_stage['weight_bits']}a{quant_stage['act_bits']}" if quant_stage else "fp32"
-    for which, name in (("input", "model_fp32"), ("final", "model_compressed")):
-        model = rebuild_model(run_dir, which)
-        info = export_model(model, run, run_dir / "export" / f"{name}.onnx", opset=opset, parity_x=px,
-                            console=console)
-        b = bench(info["path"], eval_x=ex, eval_y=ey, threads=bcfg.get("threads", 1),
-                  batch=bcfg.get("batch", 1), warmup=bcfg.get("warmup", 10), runs=bcfg.get("runs", 100),
-                  eval_groups=groups)
-        benches.append(b)
-        sp = sparsity_stats(model)
-        rows.append({"name": "fp32 input" if which == "input" else recipe.get("name", "compressed"),
-                     "format": "onnx-int8" if info["quantized"] else "onnx-fp32",
-                     "bits": bits if which == "final" else "fp32",
-                     "accuracy": b["accuracy"], "latency_p50_ms": b["latency_ms"]["p50"],
-                     "latency_p90_ms": b["latency_ms"]["p90"], "throughput_per_s": b["throughput_per_s"],
-                     "file_bytes": b["file_bytes"], "weight_bytes_deployed": b["weight_bytes_deployed"],
-                     "sparse_index_bytes": b["sparse_index_bytes"], "sparsity": sp["sparsity"],
-                     "params_nonzero": b["params_nonzero"], "parity_top1": info["parity"]["top1_agreement"],
-                     "parity_max_abs_diff": info["parity"]["max_abs_diff"],
-                     "integer_kernels": f"{info['parity']['fused_compute']}/{info['parity']['compute_nodes']}",
-                     "batch": b["batch"], "threads": b["threads"], "samples": b["samples"], "path": info["path"],
-                     **({"accuracy_by_group": b["accuracy_by_group"]} if b.get("accuracy_by_group") else {})})
-    if console is not None:
-        print_bench_table(benches, console)
-    # adversarially trained runs: PGD accuracy of both artifacts; eed: the dynamic ensemble + its rows
-    from edgec.ensemble_bench import robustness_rows
-
-    extra = robustness_rows(run_dir, run, rows, ex, ey, px, opset=opset, console=console)
-    paths = write_report(run_dir, rows + extra, title=f"edgec {recipe.get('name')} on {run['identity']['data']}")
-    if console is not None and len(rows) == 2 and rows[0]["accuracy"] is not None:
-        a0, a1 = rows[0]["accuracy"], rows[1]["accuracy"]
-        speed = rows[0]["latency_p50_ms"] / rows[1]["latency_p50_ms"]
-        console.print(f"[bold]accuracy {a0:.2%} -> {a1:.2%} ({(a1 - a0) * 100:+.2f} pt), "
-                      f"ORT p50 speed-up x{speed:.2f}, deployed weights "
-                      f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
-        console.print(f"report: {paths['md']}  plot: {paths['png']}")
-    return {"rows": rows + extra, "paths": {k: str(v) for k, v in paths.items()}}

@@ -19,250 +19,37 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from edgec.errors import RecipeError
 from edgec.registry import did_you_mean
+from edgec.stages.config import Strict as _Strict
+from edgec.stages.registry import method_names, quantizing_methods, stage_union
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+Stage = stage_union()  # every registered method's config class (edgec/stages/<method>.py)
+METHODS = method_names()
+QUANT_METHODS = quantizing_methods()  # stages that quantize: at most one per recipe
 
-
-class Optim(_Strict):
-    """Training settings shared by every training stage."""
-
-    epochs: int = Field(1, ge=0)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "constant", "step", "onecycle"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-    max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
-
-
-class KD(_Strict):
-    """Knowledge distillation from a teacher (METHODS.md common notation + section 6)."""
-
-    teacher: str = Field("input", description="'input' (the model given to compress) or a model SPEC")
-    teacher_weights: str | None = None
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1, description="loss = (1-alpha)*CE + alpha*tau^2*KL")
-    calibrate: bool = Field(False, description="fit a temperature T_c for the teacher on held-out data first")
-    calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out for T_c")
-
-
-class Adversarial(_Strict):
-    """Adversarial training (PGD-AT, Madry et al.): train on attacks of each batch (edgec.attacks).
-
-    eps and step are in pixel units ([0, 1] scale), whatever the data's normalisation."""
-
-    attack: Literal["pgd", "fgsm"] = "pgd"
-    norm: Literal["linf", "l2"] = "linf"
-    eps: float = Field(8 / 255, ge=0, description="radius of the perturbation ball, pixel units")
-    step: float | None = Field(None, gt=0, description="PGD step size, pixel units (default: eps/4)")
-    steps: int = Field(10, ge=1, description="PGD iterations (fgsm: one step of size eps)")
-    random_start: bool = Field(True, description="PGD starts at a random point of the ball")
-    ratio: float = Field(1.0, ge=0, le=1, description="loss = (1-ratio)*clean + ratio*adversarial (1 = pure PGD-AT)")
-
-
-class Quant(_Strict):
-    weight_bits: int = Field(8, ge=2, le=8)
-    act_bits: int = Field(8, ge=2, le=8)
-    first_layer_bits: int | None = Field(None, ge=2, le=8)
-    last_layer_bits: int | None = Field(None, ge=2, le=8)
-    unsupported: Literal["float", "error"] = Field(
-        "float", description="layers QAT cannot quantize: leave them float, or stop with an error")
-    calibration_samples: int = Field(512, ge=1)
-    lsq_init: Literal["auto", "minmax", "lsq"] = Field(
-        "auto", description="LSQ step init: max|x|/Qp (minmax), the paper's 2*mean|x|/sqrt(Qp) (lsq), "
-                            "or auto = minmax from 6 bits up")
-
-
-class TrainStage(Optim):
-    method: Literal["train"]
-    kd: KD | None = None
-    adversarial: Adversarial | None = None
-
-
-class DistillStage(Optim):
-    method: Literal["distill"]
-    kd: KD = Field(default_factory=KD)
-
-
-class PruneStage(Optim):
-    """Unstructured pruning to ``target_sparsity`` of the prunable weights, or to a size budget
-    ``target_bytes`` (exactly one of the two): bytes of non-zero parameters of the exported model
-    at their deployed bit width, as ``edgec bench`` counts them (edgec.budget)."""
-
-    method: Literal["prune"]
-    target_sparsity: float | None = Field(None, ge=0, lt=1)
-    target_bytes: int | None = Field(
-        None, ge=1, description="size budget: bytes of non-zero parameters of the exported model (weights at "
-                                "deployed_bits, biases at 32 bits, norms left unfused as exported); the prune "
-                                "sparsity is derived from it (edgec.budget)")
-    deployed_bits: int = Field(
-        8, description="bit width the pruned weights are deployed at: 8 when a quantizing stage follows "
-                       "(edgec stores quantized weights in int8), 32 for a float export")
-    scope: Literal["global", "layer"] = "global"
-    schedule_kind: Literal["cubic", "oneshot"] = Field("cubic", description="cubic = AGP (Zhu & Gupta 2017)")
-    ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of the stage's steps over which sparsity ramps")
-    update_every: int = Field(16, ge=1, description="recompute masks every k steps")
-    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
-    importance: Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"] = Field(
-        "magnitude", description="importance score (edgec.importance); data-aware ones use importance_batches")
-    importance_batches: int = Field(4, ge=1, description="training batches per mask update for data-aware scores")
-    kd: KD | None = None
-
-    @model_validator(mode="after")
-    def _one_target(self) -> "PruneStage":
-        if (self.target_sparsity is None) == (self.target_bytes is None):
-            raise ValueError("give exactly one of target_sparsity (share of the prunable weights set to zero) "
-                             "and target_bytes (size budget of the exported model in bytes)"
-                             + (f"; got both ({self.target_sparsity}, {self.target_bytes})"
-                                if self.target_sparsity is not None else ""))
-        if self.deployed_bits not in (8, 32):
-            raise ValueError(f"deployed_bits must be 8 (quantized export: int8 weights) or 32 (float export), "
-                             f"got {self.deployed_bits}")
-        return self
-
-
-class QATStage(Optim, Quant):
-    method: Literal["qat"]
-    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
-    act_quantizer: Literal["lsq", "ema"] = "lsq"
-    kd: KD | None = None
-    lr: float = Field(0.002, gt=0)
-    quantizer_lr: float | None = Field(None, gt=0, description="lr of LSQ step sizes (default: lr)")
-    norm_bits: int | None = Field(
-        None, ge=2, le=8, description="BatchNorms that cannot be folded into a conv (SubSpectralNorm's): quantize "
-                                      "their per-channel scale and shift to this many bits (int8 storage, one scale "
-                                      "each); None leaves them float32")
-
-
-class PTQStage(Quant):
-    method: Literal["ptq"]
-    observer: Literal["minmax", "percentile", "ema"] = "minmax"
-    percentile: float = Field(99.99, gt=50, le=100)
-    weight_quantizer: Literal["minmax"] = "minmax"
-    weight_range: Literal["minmax", "psg"] = Field(
-        "minmax", description="per-channel min-max, or PSG's per-layer EMA range (after a psg stage)")
-    norm_bits: int | None = Field(
-        None, ge=2, le=8, description="BatchNorms that cannot be folded into a conv (SubSpectralNorm's): quantize "
-                                      "their per-channel scale and shift to this many bits (int8 storage, one scale "
-                                      "each); None leaves them float32")
-
-
-class PSGStage(Optim):
-    """Position-based scaled gradient (METHODS.md section 3): train a full-precision model so it
-    quantizes (or prunes) post-training. Follow it with a ``ptq`` stage (``weight_range: psg``)."""
-
-    method: Literal["psg"]
-    bits: int | None = Field(4, ge=2, le=8, description="target weight bit width (None: pruning variant only)")
-    lambda_s: float = Field(150.0, gt=0, description="gradient scale (150 for 4 bits in the authors' code)")
-    eps_rel: float = Field(1e-8, ge=0, description="epsilon = eps_rel * a (a = layer range)")
-    range_momentum: float = Field(0.1, gt=0, le=1, description="EMA momentum of the per-layer range")
-    target_sparsity: float | None = Field(None, ge=0, lt=1, description="pruning variant: pull the smallest weights to 0")
-    first_last_bits: int = Field(8, ge=2, le=8, description="bits of the first conv and last linear when bits < 4")
-    kd: KD | None = None
-
-
-class QKDStage(Optim, Quant):
-    """Quantization-aware KD (METHODS.md section 2): Self-studying -> Co-studying -> Tutoring."""
-
-    method: Literal["qkd"]
-    weight_bits: int = Field(4, ge=2, le=8)
-    act_bits: int = Field(4, ge=2, le=8)
-    first_layer_bits: int | None = Field(8, ge=2, le=8)
-    last_layer_bits: int | None = Field(8, ge=2, le=8)
-    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
-    act_quantizer: Literal["lsq", "ema"] = "lsq"
-    epochs: int = Field(3, ge=0, description="total; split over SS/CS/TU in the ratio of `split`")
-    split: tuple[int, int, int] = Field((30, 100, 70), description="SS:CS:TU epoch ratio (paper's CIFAR 30/100/70)")
-    phase_epochs: tuple[int, int, int] | None = Field(None, description="explicit SS, CS, TU epochs (overrides split)")
-    alpha: float = Field(0.5, ge=0, le=1, description="student: (1-a)*CE + a*tau^2*KL(T||S)")
-    beta: float = Field(0.5, ge=0, le=1, description="teacher in CS: (1-b)*CE + b*tau^2*KL(S||T)")
-    kd: KD = Field(default_factory=lambda: KD(temperature=2.0))
-    quantizer_lr: float | None = Field(None, gt=0)
-    teacher_lr: float | None = Field(None, gt=0, description="teacher lr in CS (default: lr)")
-
-
-class PQKStage(Optim, Quant):
-    """Pruning + QAT, then KD from the pruned-away weights in the same network (METHODS.md section 1)."""
-
-    method: Literal["pqk"]
-    target_sparsity: float = Field(..., ge=0, lt=1, description="final global sparsity s_f of the prunable weights")
-    epochs: int = Field(3, ge=0, description="phase 1: iterative global magnitude pruning + QAT (CE)")
-    kd_epochs: int = Field(2, ge=0, description="phase 2: two-path KD with the mask frozen")
-    ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of phase-1 steps over which sparsity ramps (t_f)")
-    update_every: int = Field(16, ge=1, description="recompute the global threshold every k steps (DCIL: 16)")
-    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
-    temperature: float = Field(2.0, gt=0, description="tau of both KL terms")
-    teacher_updates_kept: bool = Field(
-        False, description="teacher loss also updates the kept weights (default: pruned-away weights only)")
-    teacher_quantized: bool = Field(
-        False, description="teacher path uses the quantized kept weights (default: all weights full precision)")
-    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
-    act_quantizer: Literal["lsq", "ema"] = "lsq"
-    lr: float = Field(0.005, gt=0)
-    kd_lr: float | None = Field(None, gt=0, description="phase-2 lr (default: lr)")
-
-
-class EEDStage(Optim):
-    """Efficient Ensemble Defense (METHODS.md section 5): K sub-models of the input model pruned by K
-    importance scores, adversarially fine-tuned together for robustness and diversity; at inference
-    they run in order and stop early (threshold calibrated on held-out data)."""
-
-    method: Literal["eed"]
-    scores: list[Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"]] = Field(
-        ["magnitude", "snip", "fisher_w2"], min_length=2, description="one importance score per sub-model (K = len)")
-    target_sparsity: float = Field(0.5, ge=0, lt=1, description="unstructured sparsity of each sub-model")
-    scope: Literal["global", "layer"] = "global"
-    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
-    importance_batches: int = Field(4, ge=1, description="training batches for the data-aware scores")
-    adversarial: Adversarial = Field(default_factory=lambda: Adversarial(step=2 / 255),
-                                     description="attack against the ensemble for training (PGD-AT default)")
-    diversity: float = Field(0.5, ge=0, description="weight of the pairwise similarity of the members' "
-                                                     "non-true-class predictions on adversarial examples")
-    misclassified_weight: float = Field(1.0, ge=0, description="extra CE weight of samples the ensemble gets wrong")
-    l1: float = Field(1e-5, ge=0, description="weight of the L1 norm of the kept weights")
-    member_subset: float | None = Field(
-        None, gt=0, lt=1, description="each sub-model's cross-entropy sees only its own fixed, seeded share of the "
-                                      "training samples (METHODS.md 5, step 3); None: every member sees all")
-    calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out to set the threshold")
-    target_accuracy: float | None = Field(None, gt=0, le=1, description="held-out accuracy the dynamic ensemble must "
-                                                                        "reach (default: full ensemble - tolerance)")
-    accuracy_tolerance: float = Field(0.0, ge=0, lt=1)
-    agree: int | None = Field(None, ge=2, description="also stop when the first `agree` sub-models agree")
-
-
-Stage = Annotated[Union[TrainStage, DistillStage, PruneStage, QATStage, PTQStage, PSGStage, QKDStage, PQKStage,
-                        EEDStage],
-                  Field(discriminator="method")]
-
-
-METHODS = ("train", "distill", "prune", "qat", "ptq", "psg", "qkd", "pqk", "eed")
-QUANT_METHODS = ("qat", "ptq", "qkd", "pqk")  # stages that quantize: at most one per recipe
 
 
 class ExportCfg(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: compress stops after training, nothing exported or benched")
     opset: int = Field(17, ge=13, le=21)
     parity_samples: int = Field(1000, ge=1)
 
 
 class BenchCfg(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: the artifacts are exported and checked but not measured")
     threads: int = Field(1, ge=1)
     batch: int = Field(1, ge=1)
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
+    rounds: int = Field(5, ge=1, description="interleaved rounds when the run's artifacts are timed against each "
+                                            "other (the report's latency and speed-up: median and spread over rounds)")
     eval_samples: int | None = Field(None, ge=1, description="limit ORT accuracy to this many eval samples")
     pgd_samples: int = Field(200, ge=0, description="adversarially trained / eed runs: PGD robust accuracy of the "
                                                     "exported models on a seeded subset of this many eval samples "

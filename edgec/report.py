@@ -73,7 +73,7 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
              "|" + "|".join([":---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows:
         lat = _num(r.get("latency_p50_ms"))
-        speedup = f"{base / lat:.2f}×" if base is not None and lat else DASH
+        speedup = _speedup_cell(r, base, lat)
         nz = r.get("params_nonzero")
         cells = [
             _cell(r.get("name")), _cell(r.get("format")), _cell(r.get("bits")),
@@ -86,9 +86,12 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
             DASH if nz is None else f"{int(nz):,}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    method = next((r["latency_method"] for r in rows if r.get("latency_method")), None)
     lines += [
         "",
-        "Speed-up = p50 latency of the first row / p50 latency of this row. "
+        (f"Latency: {method}; p50 = median over rounds of each round's p50; speed-up = median over rounds of "
+         "(first row's p50 / this row's p50), in brackets its range over the rounds. " if method else
+         "Speed-up = p50 latency of the first row / p50 latency of this row. ") +
         "Deployed weight KB = non-zero weights and biases at their deployed bit width "
         "(sparse index overhead not included); file KB = size of the artifact on disk. "
         f"{DASH} = not measured.",
@@ -97,6 +100,17 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     lines += _robustness_table(rows)
     lines += _group_sections(rows)
     return "\n".join(lines)
+
+
+def _speedup_cell(r: dict, base: float | None, lat: float | None) -> str:
+    """Interleaved rows carry their measured speed-up and its spread over rounds; others: base / lat."""
+    s = _num(r.get("speedup_vs_fp32"))
+    if s is not None:
+        spread = r.get("speedup_spread") or []
+        if len(spread) == 2 and spread[0] != spread[1]:
+            return f"{s:.2f}× ({spread[0]:.2f}–{spread[1]:.2f})"
+        return f"{s:.2f}×"
+    return f"{base / lat:.2f}×" if base is not None and lat else DASH
 
 
 def _robustness_table(rows: list[dict]) -> list[str]:

@@ -19,18 +19,20 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from edgec.errors import RunDirError
 
 RUN_FILE = "run.json"
 
+__all__ = ["RUN_FILE", "build_model", "file_sha256", "fingerprint", "prepare_run_dir", "read_run", "rebuild_model",
+           "run_recipe"]
+
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from edgec.runtime.ensemble import file_sha256 as sha  # one implementation; the runner needs it torch-free
+
+    return sha(path)
 
 
 def fingerprint(identity: dict) -> str:
@@ -43,6 +45,65 @@ def read_run(run_dir: Path) -> dict:
         raise RunDirError(f"{run_dir} is not an edgec run directory (no {RUN_FILE})",
                           hint="pass the --out folder of an `edgec compress` run")
     return json.loads(path.read_text())
+
+
+def run_recipe(run: dict):
+    """The run's resolved recipe (``run.json``), validated into the typed :class:`edgec.recipe.Recipe`."""
+    from edgec.recipe import validate_recipe
+
+    return validate_recipe(json.loads(json.dumps(run["identity"]["recipe"])), [], label="run recipe")
+
+
+def build_model(model_spec: str, *, num_classes: int, in_channels: int, weights: str | None, trust_pickle: bool):
+    """A model from its SPEC (zoo name, ``file.py:factory``, ``package.module:factory``) and optional weights."""
+    from edgec.models import resolve_model
+
+    return resolve_model(model_spec, num_classes=num_classes, in_channels=in_channels, weights=weights,
+                         trust_pickle=trust_pickle)
+
+
+def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
+    """Rebuild a run's model on CPU: ``"input"`` (FP32 as given) or ``"final"`` (compressed).
+
+    The architecture comes from the run's model SPEC, or from ``model`` (a fresh instance of the same
+    class) for a run that was started from an in-memory model through the Python API; the structure of
+    every stage is replayed (``prepare`` with ``rebuild=True``), then the saved state is loaded.
+    """
+    import torch
+
+    from edgec.distributed import DistContext
+    from edgec.stages import get_handler
+    from edgec.stages.base import StageContext
+    from edgec.targets import get_target
+
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    ident = run["identity"]
+    if model is None:
+        if ident["model"].startswith(IN_MEMORY):
+            raise RunDirError(f"{run_dir} was compressed from an in-memory model ({ident['model']}), which edgec "
+                              "cannot rebuild from its name",
+                              hint="rebuild it in Python: edgec.export_run(RUN_DIR, model=<a fresh instance>)")
+        model = build_model(ident["model"], num_classes=run["num_classes"], in_channels=run["input_shape"][0],
+                            weights=None, trust_pickle=False)
+    model.load_state_dict(torch.load(run_dir / "model_input.pt", map_location="cpu", weights_only=True)["model"])
+    if which == "input":
+        return model.eval()
+    final = run_dir / "model_final.pt"
+    if not final.is_file():
+        raise RunDirError(f"{run_dir} has no compressed model yet (model_final.pt missing)",
+                          hint="the compress run did not finish: continue it with `edgec compress ... --resume`")
+    recipe = run_recipe(run)
+    dist = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for i, cfg in enumerate(recipe.stages):
+        ctx = StageContext(index=i, data=None, target=get_target(recipe.target), seed=recipe.seed, run_dir=run_dir,
+                           dist=dist, rebuild=True, log=lambda *a: None, recipe=recipe)
+        model = get_handler(cfg.method).prepare(model, cfg, ctx)
+    model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
+    return model.eval()
+
+
+IN_MEMORY = "<in-memory "  # model SPEC recorded for a run started from an nn.Module (edgec.compress)
 
 
 def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, force: bool) -> bool:

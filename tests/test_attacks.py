@@ -254,7 +254,7 @@ def test_recipe_adversarial_block_is_strict():
 
 
 def test_pgd_at_through_cli(tmp_path, capsys):
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
     from edgec.models import save_weights
 
     model, data = _train_digits(epochs=2)

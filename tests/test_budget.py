@@ -282,7 +282,7 @@ def test_compress_prunes_to_the_byte_budget_through_the_cli(tmp_path, capsys):
     assert budget["target_bytes"] == target and budget["predicted_bytes"] == target
     done = next(e for e in events if e.get("event") == "stage_done" and e["metrics"].get("byte_budget"))
     assert done["metrics"]["target_sparsity"] == budget["target_sparsity"]
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
 
     model = rebuild_model(tmp_path / "run", "final")
     masked = P.masked_layers(model)

@@ -178,7 +178,7 @@ def test_eed_through_cli_and_dynamic_runtime(tmp_path, capsys):
     from edgec import importance as I
     from edgec import prune as P
     from edgec.attacks import Attack, InputSpace, robust_accuracy
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
     from edgec.models import save_weights
     from edgec.stages.eed import Ensemble, export_dynamic, member_probs
 

@@ -69,7 +69,7 @@ def eed_run(tmp_path_factory):
 
 
 def test_compress_eed_writes_the_dynamic_artifact_and_report_rows(eed_run):
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
     from edgec.data import load_data, to_numpy
     from edgec.stages.eed import member_probs
 
@@ -258,7 +258,7 @@ def test_unreadable_manifest_and_swapped_member(artifact, tmp_path, capsys):
 
 
 def test_run_that_does_not_match_the_artifact_is_refused(artifact):
-    from edgec.ensemble_bench import _check_run_matches
+    from edgec.bench.ensemble import _check_run_matches
     from edgec.errors import InputError
 
     folder, ens = artifact

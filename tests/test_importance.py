@@ -47,7 +47,7 @@ def test_registry_names_and_errors(digits):
     with pytest.raises(InputError, match="needs data"):
         I.compute_scores("taylor", model, P.prunable_layers(model))
     # the recipe field lists exactly the registry
-    from edgec.recipe import PruneStage
+    from edgec.stages.prune import PruneStage
 
     assert sorted(PruneStage.model_fields["importance"].annotation.__args__) == sorted(SCORES)
 
@@ -295,7 +295,7 @@ stages:
 
 
 def test_prune_stage_importance_through_cli(tmp_path, capsys, digits):
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
     from edgec.models import save_weights
 
     model, _, _ = digits

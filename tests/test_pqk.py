@@ -173,7 +173,7 @@ def test_two_path_loss_is_the_stated_one_with_detached_targets():
 
 
 def test_pqk_end_to_end_exports_only_the_student_at_exact_sparsity(tmp_path, capsys):
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
     from test_cli_e2e import train_digits
 
     w = train_digits(tmp_path / "fp32.pt")

@@ -1,4 +1,5 @@
-"""Stage handlers: one module per method, registered by the recipe's ``method`` name.
+"""Stage methods: one module per method, holding its recipe config class and its handler,
+registered together (:mod:`edgec.stages.registry`).
 
 A handler has three steps around the shared training engine::
 
@@ -11,17 +12,11 @@ by replaying the prepares with ``ctx.rebuild=True`` and then loading the saved s
 """
 from __future__ import annotations
 
-from edgec.registry import Registry
-from edgec.stages.base import Handler, StageContext
-
-HANDLERS: Registry[Handler] = Registry("stage method")
+from edgec.stages.registry import STAGES, get_method, method_names, quantizing_methods, register_stage
 
 
-def get_handler(method: str) -> Handler:
-    if method not in HANDLERS:
-        from edgec.stages import eed, pqk, prune, psg, ptq, qat, qkd, train  # noqa: F401  (registration side effects)
-
-    return HANDLERS.get(method)
+def get_handler(method: str):
+    return get_method(method).handler
 
 
-__all__ = ["HANDLERS", "Handler", "StageContext", "get_handler"]
+__all__ = ["STAGES", "get_handler", "get_method", "method_names", "quantizing_methods", "register_stage"]

@@ -25,7 +25,6 @@ class StageContext:
     seed: int
     run_dir: Path
     dist: Any  # edgec.distributed.DistContext
-    input_model: nn.Module  # the FP32 model given to compress (teacher "input")
     teachers: dict[int, nn.Module] = field(default_factory=dict)  # resolved KD teachers by stage index
     resume: bool = False
     rebuild: bool = False  # structure only: no calibration, no training

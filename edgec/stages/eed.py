@@ -23,6 +23,13 @@ graph per member plus ``ensemble.json`` for :class:`edgec.runtime.ensemble.Dynam
 """
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from edgec.stages.config import Adversarial, Optim
+from edgec.stages.registry import register_stage
+
 import copy
 from pathlib import Path
 
@@ -34,8 +41,35 @@ from edgec import importance as I
 from edgec import prune as P
 from edgec.attacks import Attack, InputSpace
 from edgec.data import holdout_split
-from edgec.stages import HANDLERS
 from edgec.stages.base import _subset, train_config
+
+
+class EEDStage(Optim):
+    """Efficient Ensemble Defense (METHODS.md section 5): K sub-models of the input model pruned by K
+    importance scores, adversarially fine-tuned together for robustness and diversity; at inference
+    they run in order and stop early (threshold calibrated on held-out data)."""
+
+    method: Literal["eed"]
+    scores: list[Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"]] = Field(
+        ["magnitude", "snip", "fisher_w2"], min_length=2, description="one importance score per sub-model (K = len)")
+    target_sparsity: float = Field(0.5, ge=0, lt=1, description="unstructured sparsity of each sub-model")
+    scope: Literal["global", "layer"] = "global"
+    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    importance_batches: int = Field(4, ge=1, description="training batches for the data-aware scores")
+    adversarial: Adversarial = Field(default_factory=lambda: Adversarial(step=2 / 255),
+                                     description="attack against the ensemble for training (PGD-AT default)")
+    diversity: float = Field(0.5, ge=0, description="weight of the pairwise similarity of the members' "
+                                                     "non-true-class predictions on adversarial examples")
+    misclassified_weight: float = Field(1.0, ge=0, description="extra CE weight of samples the ensemble gets wrong")
+    l1: float = Field(1e-5, ge=0, description="weight of the L1 norm of the kept weights")
+    member_subset: float | None = Field(
+        None, gt=0, lt=1, description="each sub-model's cross-entropy sees only its own fixed, seeded share of the "
+                                      "training samples (METHODS.md 5, step 3); None: every member sees all")
+    calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out to set the threshold")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="held-out accuracy the dynamic ensemble must "
+                                                                        "reach (default: full ensemble - tolerance)")
+    accuracy_tolerance: float = Field(0.0, ge=0, lt=1)
+    agree: int | None = Field(None, ge=2, description="also stop when the first `agree` sub-models agree")
 
 
 class Ensemble(nn.Module):
@@ -212,7 +246,7 @@ class EEDHandler:
         return model
 
 
-HANDLERS.add("eed", EEDHandler())
+register_stage("eed", EEDStage, EEDHandler())
 
 
 def export_dynamic(model: Ensemble, input_shape: tuple[int, ...], out_dir: Path, *, agree: int | None = None,

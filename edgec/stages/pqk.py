@@ -26,6 +26,13 @@ and the result is the same graph a ``qat`` stage produces, so ``edgec export`` n
 """
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from edgec.stages.config import Optim, Quant
+from edgec.stages.registry import register_stage
+
 import copy
 import dataclasses
 
@@ -39,13 +46,33 @@ from edgec.errors import InputError
 from edgec.quant.modules import ActQuant, QConv2d, QLinear
 from edgec.quant.prepare import _conv_bn, _module, _set_module
 from edgec.quant.quantizers import LSQQuantizer, RangeQuantizer
-from edgec.stages import HANDLERS
 from edgec.stages.base import _subset, steps_per_epoch, train_config
 from edgec.stages.qat import prepare_quantized, quant_spec
 
 
 # --------------------------------------------------------------------------------------------
 # the two paths
+
+
+class PQKStage(Optim, Quant):
+    """Pruning + QAT, then KD from the pruned-away weights in the same network (METHODS.md section 1)."""
+
+    method: Literal["pqk"]
+    target_sparsity: float = Field(..., ge=0, lt=1, description="final global sparsity s_f of the prunable weights")
+    epochs: int = Field(3, ge=0, description="phase 1: iterative global magnitude pruning + QAT (CE)")
+    kd_epochs: int = Field(2, ge=0, description="phase 2: two-path KD with the mask frozen")
+    ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of phase-1 steps over which sparsity ramps (t_f)")
+    update_every: int = Field(16, ge=1, description="recompute the global threshold every k steps (DCIL: 16)")
+    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    temperature: float = Field(2.0, gt=0, description="tau of both KL terms")
+    teacher_updates_kept: bool = Field(
+        False, description="teacher loss also updates the kept weights (default: pruned-away weights only)")
+    teacher_quantized: bool = Field(
+        False, description="teacher path uses the quantized kept weights (default: all weights full precision)")
+    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
+    act_quantizer: Literal["lsq", "ema"] = "lsq"
+    lr: float = Field(0.005, gt=0)
+    kd_lr: float | None = Field(None, gt=0, description="phase-2 lr (default: lr)")
 
 
 class _Route(torch.autograd.Function):
@@ -356,4 +383,4 @@ class PQKHandler:
         return standard.eval()
 
 
-HANDLERS.add("pqk", PQKHandler())
+register_stage("pqk", PQKStage, PQKHandler(), quantizes=True)

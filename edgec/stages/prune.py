@@ -3,9 +3,52 @@ score from edgec.importance (default magnitude). With ``target_bytes`` the spars
 size budget of the exported model (edgec.budget)."""
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edgec.stages.config import KD, Optim
+from edgec.stages.registry import register_stage
+
 from edgec import prune as P
-from edgec.stages import HANDLERS
 from edgec.stages.base import steps_per_epoch, train_stage
+
+
+class PruneStage(Optim):
+    """Unstructured pruning to ``target_sparsity`` of the prunable weights, or to a size budget
+    ``target_bytes`` (exactly one of the two): bytes of non-zero parameters of the exported model
+    at their deployed bit width, as ``edgec bench`` counts them (edgec.budget)."""
+
+    method: Literal["prune"]
+    target_sparsity: float | None = Field(None, ge=0, lt=1)
+    target_bytes: int | None = Field(
+        None, ge=1, description="size budget: bytes of non-zero parameters of the exported model (weights at "
+                                "deployed_bits, biases at 32 bits, norms left unfused as exported); the prune "
+                                "sparsity is derived from it (edgec.budget)")
+    deployed_bits: int = Field(
+        8, description="bit width the pruned weights are deployed at: 8 when a quantizing stage follows "
+                       "(edgec stores quantized weights in int8), 32 for a float export")
+    scope: Literal["global", "layer"] = "global"
+    schedule_kind: Literal["cubic", "oneshot"] = Field("cubic", description="cubic = AGP (Zhu & Gupta 2017)")
+    ramp_fraction: float = Field(0.75, gt=0, le=1, description="share of the stage's steps over which sparsity ramps")
+    update_every: int = Field(16, ge=1, description="recompute masks every k steps")
+    prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
+    importance: Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"] = Field(
+        "magnitude", description="importance score (edgec.importance); data-aware ones use importance_batches")
+    importance_batches: int = Field(4, ge=1, description="training batches per mask update for data-aware scores")
+    kd: KD | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneStage":
+        if (self.target_sparsity is None) == (self.target_bytes is None):
+            raise ValueError("give exactly one of target_sparsity (share of the prunable weights set to zero) "
+                             "and target_bytes (size budget of the exported model in bytes)"
+                             + (f"; got both ({self.target_sparsity}, {self.target_bytes})"
+                                if self.target_sparsity is not None else ""))
+        if self.deployed_bits not in (8, 32):
+            raise ValueError(f"deployed_bits must be 8 (quantized export: int8 weights) or 32 (float export), "
+                             f"got {self.deployed_bits}")
+        return self
 
 
 def _scores(model, layers, cfg, ctx, step: int):
@@ -81,4 +124,4 @@ class PruneHandler:
         return model
 
 
-HANDLERS.add("prune", PruneHandler())
+register_stage("prune", PruneStage, PruneHandler())

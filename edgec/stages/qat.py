@@ -1,13 +1,32 @@
 """``qat``: quantization-aware training (LSQ or EMA/min-max quantizers, STE), optional KD."""
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from edgec.stages.config import KD, Optim, Quant
+from edgec.stages.registry import register_stage
+
 import torch
 
 from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
 from edgec.quant.quantizers import LSQQuantizer
-from edgec.stages import HANDLERS
 from edgec.data import calibration_subset, save_manifest
 from edgec.stages.base import train_stage
+
+
+class QATStage(Optim, Quant):
+    method: Literal["qat"]
+    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
+    act_quantizer: Literal["lsq", "ema"] = "lsq"
+    kd: KD | None = None
+    lr: float = Field(0.002, gt=0)
+    quantizer_lr: float | None = Field(None, gt=0, description="lr of LSQ step sizes (default: lr)")
+    norm_bits: int | None = Field(
+        None, ge=2, le=8, description="BatchNorms that cannot be folded into a conv (SubSpectralNorm's): quantize "
+                                      "their per-channel scale and shift to this many bits (int8 storage, one scale "
+                                      "each); None leaves them float32")
 
 
 def quant_spec(cfg, weight_quantizer: str, act_quantizer: str, percentile: float = 99.99) -> QuantSpec:
@@ -91,4 +110,4 @@ class QATHandler:
         return model
 
 
-HANDLERS.add("qat", QATHandler())
+register_stage("qat", QATStage, QATHandler(), quantizes=True)

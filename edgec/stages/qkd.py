@@ -15,6 +15,13 @@ teacher that CS produced) and applied to the teacher logits of the tutoring phas
 """
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from edgec.stages.config import KD, Optim, Quant
+from edgec.stages.registry import register_stage
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,11 +29,30 @@ from torch import Tensor
 from edgec import prune as P
 from edgec.distill import kd_loss
 from edgec.quant.quantizers import LSQQuantizer
-from edgec.stages import HANDLERS
 from edgec.stages.base import _subset, calibrate_teacher, train_config
 from edgec.stages.qat import prepare_quantized, quant_spec
 
 PHASES = ("ss", "cs", "tu")
+
+
+class QKDStage(Optim, Quant):
+    """Quantization-aware KD (METHODS.md section 2): Self-studying -> Co-studying -> Tutoring."""
+
+    method: Literal["qkd"]
+    weight_bits: int = Field(4, ge=2, le=8)
+    act_bits: int = Field(4, ge=2, le=8)
+    first_layer_bits: int | None = Field(8, ge=2, le=8)
+    last_layer_bits: int | None = Field(8, ge=2, le=8)
+    weight_quantizer: Literal["lsq", "minmax"] = "lsq"
+    act_quantizer: Literal["lsq", "ema"] = "lsq"
+    epochs: int = Field(3, ge=0, description="total; split over SS/CS/TU in the ratio of `split`")
+    split: tuple[int, int, int] = Field((30, 100, 70), description="SS:CS:TU epoch ratio (paper's CIFAR 30/100/70)")
+    phase_epochs: tuple[int, int, int] | None = Field(None, description="explicit SS, CS, TU epochs (overrides split)")
+    alpha: float = Field(0.5, ge=0, le=1, description="student: (1-a)*CE + a*tau^2*KL(T||S)")
+    beta: float = Field(0.5, ge=0, le=1, description="teacher in CS: (1-b)*CE + b*tau^2*KL(S||T)")
+    kd: KD = Field(default_factory=lambda: KD(temperature=2.0))
+    quantizer_lr: float | None = Field(None, gt=0)
+    teacher_lr: float | None = Field(None, gt=0, description="teacher lr in CS (default: lr)")
 
 
 def split_epochs(total: int, ratio: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -121,4 +147,4 @@ class QKDHandler:
         return model
 
 
-HANDLERS.add("qkd", QKDHandler())
+register_stage("qkd", QKDStage, QKDHandler(), quantizes=True)

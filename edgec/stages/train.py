@@ -1,8 +1,25 @@
 """``train`` (plain fine-tune) and ``distill`` (KD from a teacher): no structural change."""
 from __future__ import annotations
 
-from edgec.stages import HANDLERS
+from typing import Literal
+
+from pydantic import Field
+
+from edgec.stages.config import Adversarial, KD, Optim
+from edgec.stages.registry import register_stage
+
 from edgec.stages.base import train_stage
+
+
+class TrainStage(Optim):
+    method: Literal["train"]
+    kd: KD | None = None
+    adversarial: Adversarial | None = None
+
+
+class DistillStage(Optim):
+    method: Literal["distill"]
+    kd: KD = Field(default_factory=KD)
 
 
 class TrainHandler:
@@ -16,5 +33,5 @@ class TrainHandler:
         return model
 
 
-HANDLERS.add("train", TrainHandler())
-HANDLERS.add("distill", TrainHandler())
+register_stage("train", TrainStage, TrainHandler())
+register_stage("distill", DistillStage, TrainHandler())

@@ -1,0 +1,67 @@
+"""Config pieces shared by the stage methods' recipe schemas (pydantic only: no torch here).
+
+Each method's own config class lives beside its handler in ``edgec/stages/<method>.py``; these are
+the blocks several of them reuse (training settings, KD, adversarial training, quantization).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Optim(Strict):
+    """Training settings shared by every training stage."""
+
+    epochs: int = Field(1, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant", "step", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
+
+
+class KD(Strict):
+    """Knowledge distillation from a teacher (METHODS.md common notation + section 6)."""
+
+    teacher: str = Field("input", description="'input' (the model given to compress) or a model SPEC")
+    teacher_weights: str | None = None
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="loss = (1-alpha)*CE + alpha*tau^2*KL")
+    calibrate: bool = Field(False, description="fit a temperature T_c for the teacher on held-out data first")
+    calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out for T_c")
+
+
+class Adversarial(Strict):
+    """Adversarial training (PGD-AT, Madry et al.): train on attacks of each batch (edgec.attacks).
+
+    eps and step are in pixel units ([0, 1] scale), whatever the data's normalisation."""
+
+    attack: Literal["pgd", "fgsm"] = "pgd"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(8 / 255, ge=0, description="radius of the perturbation ball, pixel units")
+    step: float | None = Field(None, gt=0, description="PGD step size, pixel units (default: eps/4)")
+    steps: int = Field(10, ge=1, description="PGD iterations (fgsm: one step of size eps)")
+    random_start: bool = Field(True, description="PGD starts at a random point of the ball")
+    ratio: float = Field(1.0, ge=0, le=1, description="loss = (1-ratio)*clean + ratio*adversarial (1 = pure PGD-AT)")
+
+
+class Quant(Strict):
+    weight_bits: int = Field(8, ge=2, le=8)
+    act_bits: int = Field(8, ge=2, le=8)
+    first_layer_bits: int | None = Field(None, ge=2, le=8)
+    last_layer_bits: int | None = Field(None, ge=2, le=8)
+    unsupported: Literal["float", "error"] = Field(
+        "float", description="layers QAT cannot quantize: leave them float, or stop with an error")
+    calibration_samples: int = Field(512, ge=1)
+    lsq_init: Literal["auto", "minmax", "lsq"] = Field(
+        "auto", description="LSQ step init: max|x|/Qp (minmax), the paper's 2*mean|x|/sqrt(Qp) (lsq), "
+                            "or auto = minmax from 6 bits up")

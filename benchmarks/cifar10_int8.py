@@ -144,15 +144,13 @@ def main() -> int:
     root = cifar10_root()
     if root is None:
         return 2
-    import numpy as np
     import torch
 
     from edgec.bench import bench
-    from edgec.pipeline import CompressRequest, compress
-    from edgec.runs import rebuild_model
+    from edgec.bench.compare import compare_latency
     from edgec.data import calibration_subset, load_data, save_manifest, to_numpy
-    from edgec.export.check import check_export, fused_ops
-    from edgec.export.onnx_export import export_onnx
+    from edgec.export.check import fused_ops
+    from edgec.pipeline import CompressRequest, compress
 
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -169,26 +167,24 @@ def main() -> int:
 
     base_path = baseline(data, args.epochs, args.seed, args.max_train)
 
-    onnx_files: dict[str, Path] = {"fp32": WORK / "fp32.onnx"}  # first row: the reference
+    onnx_files: dict[str, Path] = {}  # first row: the reference
     parity: dict[str, dict] = {}
     budgets = {}
     for recipe, sets in (("ptq-int8", []),
                          ("qat-int8", [f"stages.0.epochs={args.qat_epochs}",
                                        f"stages.0.max_train_samples={args.qat_samples}"])):
-        run_dir = WORK / f"run-{recipe}"
         tr = time.perf_counter()
-        compress(CompressRequest(model="resnet20", data=spec, recipe=recipe, weights=str(base_path),
-                                 overrides=tuple(sets), out=run_dir, device="cpu", force=True, export=False))
+        # edgec exports and checks both models itself (parity on real samples); the timing is done below,
+        # all models interleaved, so the run's own bench is off
+        res = compress(CompressRequest(model="resnet20", data=spec, recipe=recipe, weights=str(base_path),
+                                       overrides=(*sets, "bench.enabled=false"), out=WORK / f"run-{recipe}",
+                                       device="cpu", force=True))
         budgets[recipe] = f"{time.perf_counter() - tr:.0f} s"
-        model = rebuild_model(run_dir, "final")
-        path = WORK / f"edgec-{recipe}.onnx"
-        export_onnx(model, (3, 32, 32), path)
-        parity[f"edgec {recipe}"] = check_export(model, path, ex[:2000]).as_dict()
-        onnx_files[f"edgec {recipe}"] = path
-        if "fp32" not in parity:
-            fp32 = rebuild_model(run_dir, "input")
-            onnx_files["fp32"] = export_onnx(fp32, (3, 32, 32), WORK / "fp32.onnx").path
-            parity["fp32"] = check_export(fp32, onnx_files["fp32"], ex[:2000]).as_dict()
+        if not onnx_files:
+            onnx_files["fp32"] = Path(res.artifacts["model_fp32"]["path"])
+            parity["fp32"] = res.artifacts["model_fp32"]["parity"]
+        onnx_files[f"edgec {recipe}"] = Path(res.artifacts["model_compressed"]["path"])
+        parity[f"edgec {recipe}"] = res.artifacts["model_compressed"]["parity"]
         log(f"{recipe}: compress {budgets[recipe]}, parity {parity[f'edgec {recipe}']['top1_agreement']:.4f}")
     onnx_files["ORT quantize_static"] = ort_quantize_static(onnx_files["fp32"], cx, WORK / "ort-qdq.onnx")
     from edgec.models import create_model, load_weights
@@ -197,29 +193,26 @@ def main() -> int:
     if nn_path is not None:
         onnx_files["NNCF PTQ"] = nn_path
 
-    # accuracy once per model; latency in interleaved rounds (the order flips every round) and the
-    # median of the rounds' p50, so slow drift of this shared machine hits every model alike
-    rows, lat = [], {(n, b): [] for n in onnx_files for b in (1, 32)}
+    # accuracy once per model; latency of all models in one interleaved run per batch size
+    # (edgec.bench.compare: every call of one model is followed by one of each other, the order rotating),
+    # median over rounds of each round's p50, so slow drift of this shared machine hits every model alike
+    rows = []
     for name, path in onnx_files.items():
         log(f"accuracy of {name} on {len(ex)} test images in ORT")
-        b1 = bench(path, eval_x=ex, eval_y=ey, threads=1, batch=1, warmup=5, runs=10)
+        b1 = bench(path, eval_x=ex, eval_y=ey, threads=1, batch=1, latency=False)
         compute, integer, float_left = fused_ops(path)
         rows.append({"model": name, "accuracy": b1["accuracy"], "samples": b1["samples"],
                      "weight_bytes_deployed": b1["weight_bytes_deployed"], "file_bytes": b1["file_bytes"],
                      "integer_kernels": sum(integer.get(k, 0) for k in ("QLinearConv", "QGemm", "QLinearMatMul")),
                      "compute_nodes": compute, "parity_top1_vs_pytorch": parity.get(name, {}).get("top1_agreement")})
-    names = list(onnx_files)
-    for rnd in range(args.rounds):
-        log(f"latency round {rnd + 1}/{args.rounds}")
-        for name in names if rnd % 2 == 0 else names[::-1]:
-            for batch, runs in ((1, args.runs), (32, max(10, args.runs // 4))):
-                r = bench(onnx_files[name], threads=1, batch=batch, warmup=20 if batch == 1 else 5, runs=runs)
-                lat[(name, batch)].append(r["latency_ms"]["p50"])
-    for row in rows:
-        for batch in (1, 32):
-            vals = lat[(row["model"], batch)]
-            row[f"p50_ms_b{batch}"] = float(np.median(vals))
-            row[f"p50_ms_b{batch}_rounds"] = vals
+    for batch, runs in ((1, args.runs), (32, max(10, args.runs // 4))):
+        log(f"latency at batch {batch}: {args.rounds} interleaved rounds")
+        cmp = compare_latency(onnx_files, threads=1, batch=batch, warmup=20 if batch == 1 else 5, runs=runs,
+                              rounds=args.rounds, sample=ex[:batch])
+        for row in rows:
+            m = cmp["models"][row["model"]]
+            row[f"p50_ms_b{batch}"] = m["p50_ms"]
+            row[f"p50_ms_b{batch}_rounds"] = m["round_p50_ms"]
     f = rows[0]
     for r in rows:
         r["speedup_b1_vs_fp32"] = f["p50_ms_b1"] / r["p50_ms_b1"]
@@ -229,7 +222,7 @@ def main() -> int:
             "budget": {"fp32_epochs": args.epochs, "fp32_train_samples": args.max_train or len(data.train),
                        "qat_epochs": args.qat_epochs, "qat_samples_per_epoch": args.qat_samples,
                        "calibration_samples": len(cx), "compress_wall_time": budgets, "seed": args.seed},
-            "runtime": b1["runtime"], "threads": 1, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "runtime": b1["runtime"], "latency_method": cmp["method"], "threads": 1, "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "torch": torch.__version__, "wall_s": round(time.perf_counter() - t0), "parity_vs_pytorch": parity}
     (RESULTS / f"{STEM}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     with open(RESULTS / f"{STEM}.csv", "w", newline="") as fh:

@@ -79,7 +79,7 @@ def plan_bytes(model: nn.Module, *, target_bytes: int, deployed_bits: int = 8, n
 
     Raises :class:`RecipeError` when the parts pruning cannot shrink already exceed the budget.
     """
-    from edgec import prune as P
+    from edgec import masks as P
 
     if deployed_bits not in (8, 32):
         raise RecipeError(f"deployed_bits must be 8 or 32, got {deployed_bits}")

@@ -296,7 +296,7 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
     from edgec.bench import bench, print_bench_table
     from edgec.bench.robustness import robustness_rows
     from edgec.export.artifact import export_model
-    from edgec.prune import sparsity_stats
+    from edgec.masks import sparsity_stats
     from edgec.report import write_report
 
     run_dir = Path(run_dir)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cli_util import run_cli
-from edgec import prune as P
+from edgec import masks as P
 from edgec.bench import onnx_weight_stats
 from edgec.budget import plan_bytes
 from edgec.errors import RecipeError

@@ -110,7 +110,7 @@ def test_run_directory_and_report(run_dir):
 
 
 def test_prune_sparsity_is_exactly_the_target(run_dir):
-    from edgec import prune as P
+    from edgec import masks as P
     from edgec.runs import rebuild_model
 
     model = rebuild_model(run_dir, "final")

@@ -79,7 +79,7 @@ def test_diversity_loss_and_eed_loss_terms():
     from edgec.attacks import Attack, InputSpace
     from edgec.models import create_model
     from edgec.stages.eed import Ensemble, diversity_loss, eed_loss, l1_of_kept
-    from edgec import prune as P
+    from edgec import masks as P
 
     y = torch.tensor([0, 1])
     same = torch.randn(1, 2, 4).repeat(3, 1, 1)
@@ -122,7 +122,7 @@ def test_member_subsets_restrict_each_members_cross_entropy():
     from edgec.attacks import Attack, InputSpace
     from edgec.models import create_model
     from edgec.stages.eed import Ensemble, MemberSubsets, eed_loss, split_target
-    from edgec import prune as P
+    from edgec import masks as P
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(400, 1, 8, 8), torch.randint(0, 10, (400,)))
@@ -176,7 +176,7 @@ stages:
 
 def test_eed_through_cli_and_dynamic_runtime(tmp_path, capsys):
     from edgec import importance as I
-    from edgec import prune as P
+    from edgec import masks as P
     from edgec.attacks import Attack, InputSpace, robust_accuracy
     from edgec.runs import rebuild_model
     from edgec.models import save_weights

@@ -184,7 +184,7 @@ def test_device_runner_predicts_with_early_exit(eed_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from edgec import prune as P
+    from edgec import masks as P
     from edgec.models import create_model
     from edgec.stages.eed import Ensemble, export_dynamic
 

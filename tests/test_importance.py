@@ -11,7 +11,7 @@ from torch import nn
 
 from cli_util import run_cli
 from edgec import importance as I
-from edgec import prune as P
+from edgec import masks as P
 from edgec.errors import InputError
 
 SCORES = ["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cli_util import run_cli
-from edgec import prune as P
+from edgec import masks as P
 from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
 from edgec.stages.pqk import (DualBatchNorm, PQKConv2d, _TwoPath, build_two_path, global_magnitude_masks,
                               pqk_loss, set_path, student_state)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgec import prune as P
-from edgec.distill import ace, calibration_metrics, ece, fit_temperature, kd_loss, kd_objective
+from edgec import masks as P
+from edgec.kd import ace, calibration_metrics, ece, fit_temperature, kd_loss, kd_objective
 from edgec.models import create_model
 from edgec.quant.prepare import QuantSpec, quantize_model
 from edgec.targets import get_target

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgec import psg as PSG
+from edgec import scaled_gradient as PSG
 
 
 def _linear(values):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from edgec import prune as P
+from edgec import masks as P
 from edgec.data import DataBundle, holdout_split
-from edgec.distill import calibration_metrics, fit_temperature, kd_objective
+from edgec.kd import calibration_metrics, fit_temperature, kd_objective
 from edgec.targets import TargetProfile
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgec import importance as I
-from edgec import prune as P
+from edgec import masks as P
 from edgec.attacks import Attack, InputSpace
 from edgec.data import holdout_split
 from edgec.stages.base import _subset, train_config

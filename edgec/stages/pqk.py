@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from edgec import prune as P
-from edgec.distill import kd_loss
+from edgec import masks as P
+from edgec.kd import kd_loss
 from edgec.errors import InputError
 from edgec.quant.modules import ActQuant, QConv2d, QLinear
 from edgec.quant.prepare import _conv_bn, _module, _set_module

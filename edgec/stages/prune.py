@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from edgec.stages.config import KD, Optim
 from edgec.stages.registry import register_stage
 
-from edgec import prune as P
+from edgec import masks as P
 from edgec.stages.base import steps_per_epoch, train_stage
 
 

@@ -1,4 +1,4 @@
-"""``psg``: train with position-based scaled gradients (METHODS.md section 3); see edgec.psg."""
+"""``psg``: train with position-based scaled gradients (METHODS.md section 3); see edgec.scaled_gradient."""
 from __future__ import annotations
 
 from typing import Literal
@@ -8,7 +8,7 @@ from pydantic import Field
 from edgec.stages.config import KD, Optim
 from edgec.stages.registry import register_stage
 
-from edgec import psg as PSG
+from edgec import scaled_gradient as PSG
 from edgec.stages.base import train_stage
 
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgec import prune as P
-from edgec.distill import kd_loss
+from edgec import masks as P
+from edgec.kd import kd_loss
 from edgec.quant.quantizers import LSQQuantizer
 from edgec.stages.base import _subset, calibrate_teacher, train_config
 from edgec.stages.qat import prepare_quantized, quant_spec

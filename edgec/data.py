@@ -27,22 +27,19 @@ torch, PIL and scikit-learn are imported inside the functions that need them (le
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import pickle
-import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgec import usercode
 from edgec.errors import DataError
 from edgec.registry import did_you_mean
 
@@ -687,39 +684,21 @@ def _load_imagefolder(arg: str, *, seed: int, max_train: int | None, max_eval: i
 # python:module:factory
 
 
-@contextmanager
-def _on_sys_path(folder: str):
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
-    try:
-        yield
-    finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)
-
-
 def _import_target(target: str) -> Any:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = _check_path(target, "python data module")
         name = "_edgec_user_data_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise DataError(f"cannot load {str(path)!r} as a python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
         try:
-            with _on_sys_path(str(path.parent)):
-                spec.loader.exec_module(module)
+            module = usercode.import_file(path, name)
         except Exception as e:
-            sys.modules.pop(name, None)
             raise DataError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+        if module is None:
+            raise DataError(f"cannot load {str(path)!r} as a python module")
         return module
     try:
-        with _on_sys_path(os.getcwd()):
-            return importlib.import_module(target)
+        return usercode.import_module(target, search=os.getcwd())
     except ModuleNotFoundError as e:
-        if e.name and (target == e.name or target.startswith(e.name + ".")):
+        if usercode.is_missing_module(e, target):
             raise DataError(
                 f"cannot import python module {target!r}",
                 hint="give an importable module (installed, or relative to the current directory) "

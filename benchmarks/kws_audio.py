@@ -250,7 +250,8 @@ def part_shift(root: Path, args, out: Path, work: Path) -> list[dict]:
     import torch
 
     from edgec.audio import DeviceSimulation, simulate_device_split
-    from edgec.data import _tensor_dataset, load_data, to_numpy
+    from edgec.data import load_data, to_numpy
+    from edgec.data.bundle import _tensor_dataset
     from edgec.models.bcresnet import BCResNetASC
 
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -26,13 +26,9 @@ from edgec.audio import (
     generated_noise_bank,
     simulate_device_split,
 )
-from edgec.audio_data import (
-    SPEECHCOMMANDS_CLASSES,
-    TAU2020_LAYOUT,
-    fsdd_index,
-    speechcommands_index,
-    speechcommands_speaker,
-)
+from edgec.data.fsdd import fsdd_index
+from edgec.data.speechcommands import SPEECHCOMMANDS_CLASSES, speechcommands_index, speechcommands_speaker
+from edgec.data.tau2020 import TAU2020_LAYOUT
 from edgec.data import load_data
 from edgec.export.metadata import read_model_metadata, write_model_metadata
 from edgec.errors import DataError

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from cli_util import run_cli, subprocess_env
-from edgec.audio_data import SPEECHCOMMANDS_CLASSES
+from edgec.data.speechcommands import SPEECHCOMMANDS_CLASSES
 from edgec.groups import group_accuracy
 from edgec.report import render_markdown
 

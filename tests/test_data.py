@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from edgec import data as D
+from edgec.data import bundle, cifar10, images
 from edgec.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -164,10 +164,10 @@ def test_max_train_eval_stratified_and_seeded(cifar_pickle_root):
 
 def test_stratified_indices_proportional():
     labels = np.array([0] * 80 + [1] * 20)
-    idx = D._stratified_indices(labels, 10, seed=0, salt=0)
+    idx = bundle._stratified_indices(labels, 10, seed=0, salt=0)
     assert len(idx) == 10 and np.all(np.diff(idx) > 0)
     assert np.bincount(labels[idx]).tolist() == [8, 2]
-    assert np.array_equal(D._stratified_indices(labels, None, 0, 0), np.arange(100))
+    assert np.array_equal(bundle._stratified_indices(labels, None, 0, 0), np.arange(100))
 
 
 def test_decode_cache_written_once_and_reused(cifar_folder_root, monkeypatch):
@@ -183,7 +183,7 @@ def test_decode_cache_written_once_and_reused(cifar_folder_root, monkeypatch):
         raise AssertionError("should have been served from the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(D, "_decode_images", no_decode)
+        m.setattr(images, "_decode_images", no_decode)
         again = load_data(f"cifar10:{cifar_folder_root}")
         assert torch.equal(first.train.tensors[0], again.train.tensors[0])
         sub2 = load_data(f"cifar10:{cifar_folder_root}", max_train=10, max_eval=10)
@@ -197,8 +197,8 @@ def test_decode_cache_written_once_and_reused(cifar_folder_root, monkeypatch):
 
 def test_decode_pool_matches_serial(cifar_folder_root):
     paths = sorted(str(p) for p in (cifar_folder_root / "train").rglob("*.png"))
-    serial = D._decode_images(paths, "RGB", (32, 32), workers=1)
-    pooled = D._decode_images(paths, "RGB", (32, 32), workers=2)
+    serial = images._decode_images(paths, "RGB", (32, 32), workers=1)
+    pooled = images._decode_images(paths, "RGB", (32, 32), workers=2)
     assert serial.shape == (40, 3, 32, 32) and serial.dtype == np.uint8
     assert np.array_equal(serial, pooled)
 
@@ -232,7 +232,7 @@ def test_cifar_missing_pickle_and_half_folder(tmp_path, cifar_arrays):
 def test_cifar_rejects_code_in_pickle(tmp_path):
     folder = tmp_path / "evil"
     folder.mkdir()
-    for name in (*D._CIFAR_TRAIN_BATCHES, "test_batch"):
+    for name in (*cifar10._CIFAR_TRAIN_BATCHES, "test_batch"):
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": os.system, b"labels": []}, f, protocol=2)
     with pytest.raises(DataError, match="refusing to load"):
@@ -533,8 +533,8 @@ def test_real_cifar10_subset():
     # determinism, and the first selected sample is the image file it should be
     again = load_data(f"cifar10:{path}", max_train=500, max_eval=200, seed=0)
     assert torch.equal(again.train.tensors[0], x)
-    scan = D._scan_split(path / "train", layout="")
-    first = D._stratified_indices(scan.labels, 500, 0, 1)[0]
+    scan = images._scan_split(path / "train", layout="")
+    first = bundle._stratified_indices(scan.labels, 500, 0, 1)[0]
     pixels = np.asarray(Image.open(scan.paths[first]).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(_raw_uint8(x[:1])[0], pixels)
     assert int(b.train.tensors[1][0]) == int(scan.labels[first])

@@ -15,17 +15,15 @@ torch is imported inside the functions (DESIGN.md principle 6).
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import inspect
 import os
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgec import usercode
 from edgec.errors import ModelError
 from edgec.registry import did_you_mean
 
@@ -90,34 +88,21 @@ def _import_file(source: str) -> Any:
         raise ModelError(f"model file {str(path)!r} {what}", hint="check the path before ':' in the model spec")
     path = path.resolve()
     name = "_edgec_user_model_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:  # same file twice in one process (teacher + student): same classes
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ModelError(f"cannot import {str(path)!r} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    # Registered so pickling/fx/deepcopy of classes defined there works; the file's folder is on
-    # sys.path while it runs so it can import its sibling modules.
-    sys.modules[name] = module
-    sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
+        # reused: the same file twice in one process (teacher + student) gives the same classes
+        module = usercode.import_file(path, name, reuse=True)
     except Exception as e:
-        sys.modules.pop(name, None)
         raise ModelError(f"importing model file {str(path)!r} failed: {type(e).__name__}: {e}") from e
-    finally:
-        try:
-            sys.path.remove(str(path.parent))
-        except ValueError:
-            pass
+    if module is None:
+        raise ModelError(f"cannot import {str(path)!r} as a Python module")
     return module
 
 
 def _import_module(source: str) -> Any:
     try:
-        return importlib.import_module(source)
+        return usercode.import_module(source)
     except ModuleNotFoundError as e:
-        if e.name is not None and (source == e.name or source.startswith(e.name + ".")):
+        if usercode.is_missing_module(e, source):
             raise ModelError(
                 f"cannot import module {source!r} (no module named {e.name!r})",
                 hint="install the package or put its folder on PYTHONPATH; for a file use 'path/to/file.py:factory'",

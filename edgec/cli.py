@@ -47,7 +47,8 @@ def demo(
 @app.command()
 def compress(
     model: Annotated[str, typer.Option(help="zoo name (see `edgec models`), path/to/file.py:factory or package.module:factory")],
-    data: Annotated[str, typer.Option(help="digits | cifar10:PATH | imagefolder:PATH | python:module:factory")],
+    data: Annotated[str, typer.Option(help="digits | cifar10:PATH | imagefolder:PATH | python:module:factory | "
+                                           "speechcommands:PATH | fsdd:PATH | tau2020mobile:PATH (see `edgec data`)")],
     recipe: Annotated[str, typer.Option(help="shipped recipe name (see `edgec recipes list`) or a YAML file")],
     weights: Annotated[Optional[str], typer.Option(help="state_dict checkpoint of the model (loaded with weights_only=True)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field, e.g. --set stages.0.epochs=3")] = None,
@@ -162,6 +163,21 @@ def models(pattern: Annotated[str, typer.Argument(help="glob, e.g. 'resnet*'")] 
         info = model_info(name)
         table.add_row(name, "x".join(map(str, info["input_shape"])), str(info["num_classes"]),
                       f"{info['params']:,}", info["description"])
+    _console().print(table)
+
+
+@app.command("data")
+def data_kinds_cmd():
+    """List the data kinds a --data SPEC can name."""
+    from rich.table import Table
+
+    from edgec.data import data_kinds
+
+    table = Table(title="edgec data kinds (--data SPEC)")
+    table.add_column("kind")
+    table.add_column("SPEC")
+    for name, help_text in data_kinds():
+        table.add_row(name, help_text)
     _console().print(table)
 
 

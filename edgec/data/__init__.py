@@ -28,6 +28,7 @@ from edgec.data.bundle import DataBundle, DataKind, holdout_split, to_numpy
 from edgec.data.cache import default_cache_dir
 from edgec.data.cifar10 import CIFAR10_CLASSES, CIFAR10_LAYOUTS, CIFAR10_MEAN, CIFAR10_STD
 from edgec.data.imagefolder import IMAGEFOLDER_LAYOUT
+from edgec.data.python import bundle_from_datasets
 from edgec.data.manifest import (
     calibration_subset,
     indices_sha256,
@@ -46,6 +47,7 @@ __all__ = [
     "DATA_KINDS",
     "IMAGEFOLDER_LAYOUT",
     "KIND_REGISTRY",
+    "bundle_from_datasets",
     "DataBundle",
     "DataKind",
     "RandomCropFlip",

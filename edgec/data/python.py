@@ -65,7 +65,6 @@ def _check_dataset(ds: Any, which: str, where: str) -> None:
 
 
 def load_python(spec: str, arg: str, *, seed: int, max_train: int | None, max_eval: int | None) -> DataBundle:
-    import torch
     from torch.utils.data import Subset
 
     target, sep, factory_name = arg.rpartition(":")
@@ -99,6 +98,19 @@ def load_python(spec: str, arg: str, *, seed: int, max_train: int | None, max_ev
             f"{where} returned {type(result).__name__}, expected (train_dataset, eval_dataset) or a DataBundle"
         )
     train, evald = result
+    return bundle_from_datasets(train, evald, where=where, spec=spec, seed=seed, max_train=max_train,
+                                max_eval=max_eval)
+
+
+def bundle_from_datasets(train: Any, evald: Any, *, where: str, spec: str, seed: int = 0,
+                         max_train: int | None = None, max_eval: int | None = None) -> DataBundle:
+    """A :class:`DataBundle` around a pair of map-style datasets yielding ``(tensor, label)`` (a
+    ``python:`` factory's result, or the datasets given to :func:`edgec.compress`). Classes come from
+    the train set's ``num_classes`` / ``classes`` attributes or its labels; ``normalization`` and
+    ``augment`` attributes are used when present. ``where`` names the source in error messages."""
+    import torch
+    from torch.utils.data import Subset
+
     _check_dataset(train, "train", where)
     _check_dataset(evald, "eval", where)
     sample = train[0]
@@ -135,6 +147,8 @@ def load_python(spec: str, arg: str, *, seed: int, max_train: int | None, max_ev
         augment=augment if callable(augment) else None,
         normalization=normalization,
     )
+
+
 
 
 KIND = DataKind("python", HELP, load_python)

@@ -180,7 +180,8 @@ def test_eed_through_cli_and_dynamic_runtime(tmp_path, capsys):
     from edgec.attacks import Attack, InputSpace, robust_accuracy
     from edgec.runs import rebuild_model
     from edgec.models import save_weights
-    from edgec.stages.eed import Ensemble, export_dynamic, member_probs
+    from edgec.export.ensemble import export_dynamic
+    from edgec.stages.eed import Ensemble, member_probs
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_attacks import _tensors, _train_digits

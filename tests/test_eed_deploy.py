@@ -186,7 +186,8 @@ def test_device_runner_predicts_with_early_exit(eed_run, tmp_path):
 def artifact(tmp_path_factory):
     from edgec import masks as P
     from edgec.models import create_model
-    from edgec.stages.eed import Ensemble, export_dynamic
+    from edgec.export.ensemble import export_dynamic
+    from edgec.stages.eed import Ensemble
 
     torch.manual_seed(0)
     members = [create_model("digits_cnn") for _ in range(3)]

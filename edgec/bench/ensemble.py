@@ -33,7 +33,7 @@ def bench_ensemble(path: str | Path, *, eval_x: np.ndarray | None = None, eval_y
     import onnxruntime as ort
 
     from edgec import runtime
-    from edgec.bench import onnx_weight_stats
+    from edgec.export.size import onnx_weight_stats
     from edgec.runtime.ensemble import DynamicEnsemble, manifest_path
 
     for name, value, low in (("threads", threads, 0), ("batch", batch, 1), ("rounds", rounds, 1),

@@ -3,7 +3,7 @@
 Latency and peak memory are measured in a fresh ``python -m edgec.runtime --bench`` subprocess
 (isolated memory, and proof that the device-side runner works without torch); accuracy is computed
 in-process with :func:`edgec.runtime.predict` on the exported artifact. Size is counted from the ONNX
-file itself (:func:`edgec.bench.size.onnx_weight_stats`). Comparing two artifacts' speed is
+file itself (:func:`edgec.export.size.onnx_weight_stats`). Comparing two artifacts' speed is
 :mod:`edgec.bench.compare` (interleaved rounds), not two calls of :func:`bench`.
 
 onnxruntime / rich are imported inside the functions (lean ``edgec --help``).
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.bench.size import onnx_weight_stats
+from edgec.export.size import onnx_weight_stats
 from edgec.errors import BudgetExceeded, InputError
 
 __all__ = ["bench", "print_bench_table"]

@@ -19,7 +19,7 @@ def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=N
 
     ``run`` is the run's description (``run.json``): ``input_shape``, ``classes``, ``normalization``.
     """
-    from edgec.bench.size import onnx_weight_stats
+    from edgec.export.size import onnx_weight_stats
     from edgec.export.check import check_export
     from edgec.export.metadata import write_model_metadata
     from edgec.export.onnx_export import export_onnx

@@ -13,11 +13,36 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ENSEMBLE_DIR", "export_ensemble", "export_run_ensemble"]
+__all__ = ["ENSEMBLE_DIR", "export_dynamic", "export_ensemble", "export_run_ensemble"]
 
 ENSEMBLE_DIR = "ensemble"  # RUN_DIR/export/ensemble/{ensemble.json, member*.onnx}
 
 
+
+
+def export_dynamic(model, input_shape: tuple[int, ...], out_dir: Path, *, agree: int | None = None,
+                   opset: int = 17, meta: dict | None = None, export_member=None) -> Path:
+    """Write ``member{k}.onnx`` per member and ``ensemble.json`` (threshold, agree, sha256 of each member)
+    to ``out_dir``: the deployable dynamic ensemble for :class:`edgec.runtime.ensemble.DynamicEnsemble`.
+
+    ``export_member(member, path)`` exports one member (default: :func:`edgec.export.onnx_export.export_onnx`;
+    :func:`export_ensemble` passes one that also writes metadata and parity checks)."""
+    from edgec.export.onnx_export import export_onnx
+    from edgec.runtime.ensemble import write_manifest
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k, mem in enumerate(model.members):
+        name = f"member{k}.onnx"
+        if export_member is None:
+            export_onnx(mem, tuple(input_shape), out_dir / name, opset=opset)
+        else:
+            export_member(mem, out_dir / name)
+        names.append(name)
+    write_manifest(out_dir, names, threshold=float(model.threshold), agree=agree,
+                   input_shape=list(input_shape), **(meta or {}))
+    return out_dir
 
 
 def export_ensemble(model, run: dict, out_dir: Path, *, opset: int, parity_x: np.ndarray, agree: int | None,
@@ -31,7 +56,6 @@ def export_ensemble(model, run: dict, out_dir: Path, *, opset: int, parity_x: np
     from edgec.atomic import atomic_write_text
     from edgec.export.artifact import export_model
     from edgec.runtime.ensemble import MANIFEST, DynamicEnsemble, early_exit
-    from edgec.stages.eed import export_dynamic
 
     out_dir = Path(out_dir)
     member_info = []

@@ -18,7 +18,7 @@ From ONE input model (preferably adversarially trained, e.g. a ``train`` stage w
    stored in the model (``threshold`` buffer) and in the run's metrics.
 
 The stage's output model is the full ensemble (forward = log of the averaged probabilities, so it
-exports as one ONNX graph). :func:`export_dynamic` writes the deployable dynamic artifact: one ONNX
+exports as one ONNX graph). :func:`edgec.export.ensemble.export_dynamic` writes the deployable dynamic artifact: one ONNX
 graph per member plus ``ensemble.json`` for :class:`edgec.runtime.ensemble.DynamicEnsemble`.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ from edgec.stages.config import Adversarial, Optim
 from edgec.stages.registry import register_stage
 
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -247,28 +246,3 @@ class EEDHandler:
 
 
 register_stage("eed", EEDStage, EEDHandler())
-
-
-def export_dynamic(model: Ensemble, input_shape: tuple[int, ...], out_dir: Path, *, agree: int | None = None,
-                   opset: int = 17, meta: dict | None = None, export_member=None) -> Path:
-    """Write ``member{k}.onnx`` per member and ``ensemble.json`` (threshold, agree, sha256 of each member)
-    to ``out_dir``: the deployable dynamic ensemble for :class:`edgec.runtime.ensemble.DynamicEnsemble`.
-
-    ``export_member(member, path)`` exports one member (default: :func:`edgec.export.onnx_export.export_onnx`;
-    ``edgec.pipeline`` passes one that also writes metadata and parity checks)."""
-    from edgec.export.onnx_export import export_onnx
-    from edgec.runtime.ensemble import write_manifest
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = []
-    for k, mem in enumerate(model.members):
-        name = f"member{k}.onnx"
-        if export_member is None:
-            export_onnx(mem, tuple(input_shape), out_dir / name, opset=opset)
-        else:
-            export_member(mem, out_dir / name)
-        names.append(name)
-    write_manifest(out_dir, names, threshold=float(model.threshold), agree=agree,
-                   input_shape=list(input_shape), **(meta or {}))
-    return out_dir

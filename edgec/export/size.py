@@ -1,5 +1,6 @@
-"""Honest size of an exported ONNX model (DESIGN principle 5): non-zero parameters at their deployed
-bit width, the sparse-storage index overhead stated separately, read from the file itself.
+"""Honest size of an exported ONNX model (docs/design.md, "size is counted honestly"): non-zero
+parameters at their deployed bit width, the sparse-storage index overhead stated separately, read
+from the file itself (the exporter's self-check and ``edgec bench`` both report it).
 
 onnx is imported inside the function (lean ``edgec --help``).
 """

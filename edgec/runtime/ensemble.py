@@ -31,19 +31,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import ModelNotFoundError, RunnerError, load_session
+from . import ModelNotFoundError, RunnerError, load_session, softmax
 
 MANIFEST = "ensemble.json"
 FORMAT = "edgec-dynamic-ensemble"
 
 __all__ = ["MANIFEST", "FORMAT", "DynamicEnsemble", "early_exit", "calibrate_threshold", "softmax",
            "is_ensemble_path", "manifest_path", "read_manifest", "write_manifest", "file_sha256"]
-
-
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = logits - logits.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def early_exit(probs: np.ndarray, *, threshold: float | None, agree: int | None = None

@@ -55,14 +55,15 @@ class BytePlan:
         return {**asdict(self), "predicted_bytes": self.predicted_bytes}
 
 
-def _folded_bn(model: nn.Module) -> tuple[set[str], set[str], bool]:
+def _folded_bn(model: nn.Module, example_input=None) -> tuple[set[str], set[str], bool]:
     """(conv/linear names a BatchNorm folds into, names of the BatchNorms folded, traced?)."""
-    from torch import fx
+    import copy
 
+    from edgec.capture import capture
     from edgec.quant.prepare import _conv_bn
 
-    try:
-        gm = fx.symbolic_trace(model)
+    try:  # the graph quantization will see (edgec.capture; concrete for the input's shape if need be)
+        gm = capture(copy.deepcopy(model) if example_input is not None else model, example_input)
     except Exception:  # noqa: BLE001 - untraceable: count every BatchNorm as unfolded (an upper bound)
         return set(), set(), False
     layers, bns = set(), set()
@@ -74,8 +75,11 @@ def _folded_bn(model: nn.Module) -> tuple[set[str], set[str], bool]:
 
 
 def plan_bytes(model: nn.Module, *, target_bytes: int, deployed_bits: int = 8, norm_bits: int | None = None,
-               include_first_last: bool = False) -> BytePlan:
+               include_first_last: bool = False, example_input=None) -> BytePlan:
     """The sparsity of the prunable weights that brings the exported model to ``target_bytes``.
+
+    ``example_input`` (a batch shaped like the run's samples) lets a model whose forward branches on
+    shapes be captured for that shape to see which BatchNorms fold.
 
     Raises :class:`RecipeError` when the parts pruning cannot shrink already exceed the budget.
     """
@@ -86,7 +90,7 @@ def plan_bytes(model: nn.Module, *, target_bytes: int, deployed_bits: int = 8, n
     prunable = P.prunable_layers(model, include_first_last=include_first_last)
     prunable_ids = {id(m) for _, m in prunable}
     n_prunable = sum(m.weight.numel() for _, m in prunable)
-    fold_into, folded_bns, traced = _folded_bn(model)
+    fold_into, folded_bns, traced = _folded_bn(model, example_input)
 
     other_w = bias = 0
     for name, m in model.named_modules():

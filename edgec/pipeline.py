@@ -107,7 +107,7 @@ def resolve_teachers(recipe: Recipe, input_model, *, num_classes: int, in_channe
     return teachers
 
 
-def check_byte_budgets(recipe: Recipe, model) -> None:
+def check_byte_budgets(recipe: Recipe, model, example_input=None) -> None:
     """Every ``prune`` stage's ``target_bytes`` must be reachable by pruning this model (checked before
     any training; raises RecipeError naming what takes the bytes)."""
     from edgec.budget import deployment_norm_bits, plan_bytes
@@ -117,7 +117,8 @@ def check_byte_budgets(recipe: Recipe, model) -> None:
         if st.method == "prune" and st.target_bytes is not None:
             try:
                 plan_bytes(model, target_bytes=st.target_bytes, deployed_bits=st.deployed_bits,
-                           norm_bits=deployment_norm_bits(recipe), include_first_last=st.prune_first_last)
+                           norm_bits=deployment_norm_bits(recipe), include_first_last=st.prune_first_last,
+                           example_input=example_input)
             except RecipeError as e:
                 raise RecipeError(f"stages.{i}.target_bytes: {e.message}", hint=e.hint) from e
 
@@ -164,7 +165,9 @@ def load_inputs(req: CompressRequest, *, model=None, data=None, recipe: Recipe |
         model_spec = _model_identity(model)
     teachers = resolve_teachers(recipe, model, num_classes=num_classes, in_channels=in_channels,
                                 trust_pickle=req.trust_pickle)
-    check_byte_budgets(recipe, model)
+    from edgec.capture import example_from_data
+
+    check_byte_budgets(recipe, model, example_from_data(data))
     identity = {"model": model_spec, "data": _abs_data(req.data if req.data else data.spec),
                 "weights_sha256": file_sha256(Path(req.weights)) if req.weights else None,
                 "recipe": recipe.model_dump(mode="json")}

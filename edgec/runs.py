@@ -97,7 +97,8 @@ def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
     dist = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for i, cfg in enumerate(recipe.stages):
         ctx = StageContext(index=i, data=None, target=get_target(recipe.target), seed=recipe.seed, run_dir=run_dir,
-                           dist=dist, rebuild=True, log=lambda *a: None, recipe=recipe)
+                           dist=dist, rebuild=True, log=lambda *a: None, recipe=recipe,
+                           input_shape=tuple(run["input_shape"]))
         model = get_handler(cfg.method).prepare(model, cfg, ctx)
     model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
     return model.eval()

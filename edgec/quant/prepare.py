@@ -73,16 +73,12 @@ _PASS_FUNCS = {torch.flatten, F.max_pool2d, F.dropout}
 _PASS_METHODS = {"view", "reshape", "flatten", "contiguous"}
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
-        return model
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - tracing errors are arbitrary user-code errors
-        raise InputError(
-            f"cannot trace {type(model).__name__} with torch.fx for quantization: {exc}",
-            hint="quantization needs a forward() without data-dependent Python control flow; "
-                 "move such logic out of forward() or wrap it in a leaf module") from exc
+def trace(model: nn.Module, example_inputs=None) -> fx.GraphModule:
+    """The model's fx graph (edgec.capture): symbolic when fx takes it, else captured for the shape of
+    ``example_inputs`` (a batch shaped like the run's samples)."""
+    from edgec.capture import capture
+
+    return capture(model, example_inputs)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -163,9 +159,13 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> tuple[fx.GraphModule, QuantReport]:
-    """Return a traced copy of ``model`` with BN folded and quantizers inserted."""
-    gm = trace(copy.deepcopy(model))
+def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile,
+                   example_inputs=None) -> tuple[fx.GraphModule, QuantReport]:
+    """Return a traced copy of ``model`` with BN folded and quantizers inserted.
+
+    ``example_inputs``: a batch shaped like the run's samples; needed for models whose forward
+    branches on shapes (captured for that shape, see edgec.capture)."""
+    gm = trace(copy.deepcopy(model), example_inputs)
     if spec.fold_bn:
         gm = fold_batchnorm(gm)
     report = QuantReport()

@@ -29,6 +29,7 @@ class StageContext:
     resume: bool = False
     rebuild: bool = False  # structure only: no calibration, no training
     recipe: Any = None  # the validated edgec.recipe.Recipe (stages that look ahead, e.g. prune's byte budget)
+    input_shape: tuple[int, ...] | None = None  # per-sample shape when data is None (rebuild): graph capture
     log: Any = print
 
     @property

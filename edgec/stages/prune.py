@@ -70,9 +70,11 @@ def byte_plan(model, cfg, ctx):
     if cfg.target_bytes is None:
         return None
     from edgec.budget import deployment_norm_bits, plan_bytes
+    from edgec.capture import example_input
 
     return plan_bytes(model, target_bytes=cfg.target_bytes, deployed_bits=cfg.deployed_bits,
-                      norm_bits=deployment_norm_bits(ctx.recipe), include_first_last=cfg.prune_first_last)
+                      norm_bits=deployment_norm_bits(ctx.recipe), include_first_last=cfg.prune_first_last,
+                      example_input=example_input(ctx))
 
 
 def target_sparsity(model, cfg, ctx) -> float:

@@ -37,7 +37,9 @@ def quant_spec(cfg, weight_quantizer: str, act_quantizer: str, percentile: float
 
 
 def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
-    gm, report = quantize_model(model.cpu(), spec, ctx.target)
+    from edgec.capture import example_input
+
+    gm, report = quantize_model(model.cpu(), spec, ctx.target, example_input(ctx))
     gm = gm.to(ctx.device)
     if report.left_float:
         ctx.log(f"[yellow]left in float (unsupported for quantization): {', '.join(report.left_float)}[/]")

@@ -397,6 +397,36 @@ class ConcreteTracer(fx.Tracer):
         return keys
 
 
+# tensor factories take sizes as Python ints, which the C++ argument parser does not take as Proxies
+# (plain fx fails on ``torch.zeros(x.size(0), 16)``): while capturing, calls with a traced size are
+# recorded as graph nodes (the size stays a node: batch-dynamic)
+_FACTORIES = ("zeros", "ones", "empty", "full", "arange", "eye", "rand", "randn", "randint", "linspace", "tensor")
+
+
+@contextmanager
+def _traced_factories(tracer: "ConcreteTracer"):
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def wrap(name, fn):
+        def wrapper(*args, **kwargs):
+            found = []
+            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+            if found and not tracer._evaluating:
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        wrapper.__name__ = name
+        return wrapper
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, wrap(name, fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
 def _bool_index(idx) -> bool:
     items = idx if isinstance(idx, tuple) else (idx,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
@@ -496,7 +526,8 @@ def _concrete(model: nn.Module, example: tuple, concrete: dict[str, Any]) -> fx.
     snap = _state_snapshot(model)
     before = _python_state(model)
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        with _traced_factories(tracer):
+            graph = tracer.trace(model, concrete_args=concrete or None)
     except _Refused as r:
         raise _capture_error(model, r.what, r.loc) from None
     except InputError:

@@ -82,8 +82,13 @@ class CaptureInfo:
 
 
 def _is_user_file(filename: str) -> bool:
+    """Model code: not torch, not edgec's machinery (edgec's own model zoo counts as model code)."""
+    if filename.startswith("<"):
+        return False
     f = os.path.abspath(filename)
-    return not (f.startswith(_TORCH_DIR) or f.startswith(_EDGEC_DIR + os.sep) or f.startswith("<"))
+    if f.startswith(os.path.join(_EDGEC_DIR, "models") + os.sep):
+        return True
+    return not (f.startswith(_TORCH_DIR) or f.startswith(_EDGEC_DIR + os.sep))
 
 
 def _user_frame_from_stack() -> tuple[str, int] | None:
@@ -215,11 +220,12 @@ def _symbolic(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
 # 2. concrete-value tracer
 
 
-class _Refused(Exception):
-    """A construct the concrete tracer cannot resolve (turned into one InputError)."""
+class _Refused(BaseException):
+    """A construct the concrete tracer cannot resolve (turned into one InputError). A BaseException:
+    a user's ``try: ... except Exception:`` around the construct must not swallow it and trace on."""
 
-    def __init__(self, what: str, loc):
-        self.what, self.loc = what, loc
+    def __init__(self, what: str, loc, hint: str = _HINT):
+        self.what, self.loc, self.hint = what, loc, hint
         super().__init__(what)
 
 
@@ -302,8 +308,11 @@ class ConcreteTracer(fx.Tracer):
             raise
         except Exception as exc:  # noqa: BLE001 - the user's op failed on the example input
             loc = _user_frame_from_stack()
-            raise _Refused(f"running `{_describe(node)}` on the example input failed: "
-                           f"{type(exc).__name__}: {exc}", loc) from exc
+            shapes = [tuple(v.shape) for v in self._ph_values.values() if isinstance(v, torch.Tensor)]
+            raise _Refused(f"running `{_describe(node)}` on an example input of shape "
+                           f"{', '.join(map(str, shapes))} failed: {type(exc).__name__}: {exc}", loc,
+                           hint="check that the model takes inputs of the run's shape (the data's sample shape "
+                                "with a batch dimension)") from exc
         return node
 
     def _evaluate(self, node, kind, target, args, kwargs) -> None:
@@ -529,7 +538,7 @@ def _concrete(model: nn.Module, example: tuple, concrete: dict[str, Any]) -> fx.
         with _traced_factories(tracer):
             graph = tracer.trace(model, concrete_args=concrete or None)
     except _Refused as r:
-        raise _capture_error(model, r.what, r.loc) from None
+        raise _capture_error(model, r.what, r.loc, hint=r.hint) from None
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001

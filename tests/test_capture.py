@@ -101,9 +101,9 @@ class Helpers(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1)
         self.blocks = nn.ModuleList([nn.Conv2d(16, 16, 3, padding=1, groups=4) for _ in range(2)])
-        self.fc = nn.Linear(16, num_classes)
+        self.fc = nn.Linear(16 * 2 * 2, num_classes)
 
-    def forward(self, x, scale: float = 1.0):
+    def forward(self, x):
         n, c, h, w = x.shape
         x = F.relu(self.stem(x))
         for i in range(len(self.blocks)):
@@ -115,8 +115,8 @@ class Helpers(nn.Module):
             if s > 4:
                 x = F.avg_pool2d(x, 2)
                 break
-        x = F.adaptive_avg_pool2d(x, 1) + torch.zeros(x.size(0), 16, 1, 1)
-        return self.fc(torch.flatten(x, 1)) * scale
+        x = F.adaptive_avg_pool2d(x, 2) + torch.zeros(x.size(0), 16, 1, 1)
+        return self.fc(torch.flatten(x, 1))
 
 
 def digits16():
@@ -161,9 +161,7 @@ def um(user_file):
     return mod
 
 
-@pytest.fixture(scope="module")
-def weights(workdir, um) -> Path:
-    """Branchy trained briefly on digits in FP32 (Plain has the same parameters)."""
+def _train(um, name: str, path: Path, epochs: int) -> Path:
     from edgec.data import load_data
     from edgec.distributed import DistContext
     from edgec.engine import TrainConfig, fit
@@ -171,11 +169,22 @@ def weights(workdir, um) -> Path:
 
     torch.manual_seed(0)
     data = load_data("digits")
-    model = um.Branchy()
+    model = getattr(um, name)()
     fit(model, loss_fn=lambda m, x, y: (torch.nn.functional.cross_entropy(z := m(x), y), z), train_set=data.train,
-        eval_set=None, cfg=TrainConfig(epochs=3, batch_size=32, lr=0.003, optimizer="adam", weight_decay=0.0),
+        eval_set=None, cfg=TrainConfig(epochs=epochs, batch_size=32, lr=0.003, optimizer="adam", weight_decay=0.0),
         ckpt_path=None, dist=DistContext.single("cpu"))
-    return save_weights(model, workdir / "branchy_fp32.pt")
+    return save_weights(model, path)
+
+
+@pytest.fixture(scope="module")
+def weights(workdir, um) -> Path:
+    """Branchy trained briefly on digits in FP32 (Plain has the same parameters)."""
+    return _train(um, "Branchy", workdir / "branchy_fp32.pt", 3)
+
+
+@pytest.fixture(scope="module")
+def helpers_weights(workdir, um) -> Path:
+    return _train(um, "Helpers", workdir / "helpers_fp32.pt", 6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,6 +198,15 @@ def test_symbolic_models_keep_the_exact_fx_graph(um):
     gm = capture(m, torch.randn(2, 1, 8, 8))
     assert gm.meta["edgec_capture"].path == "symbolic"
     assert gm.code == fx.symbolic_trace(m).code
+
+
+def test_both_paths_give_the_same_graph_on_a_model_both_take(um):
+    from edgec.capture import _concrete
+
+    m = um.Plain().eval()
+    forced = _concrete(m, (torch.randn(2, 1, 8, 8),), {})
+    assert forced.meta["edgec_capture"].path == "concrete" and forced.meta["edgec_capture"].decisions == []
+    assert forced.code == fx.symbolic_trace(m).code
 
 
 def test_shape_branches_resolved_per_input_size(um):
@@ -413,6 +431,20 @@ def test_branchy_prune_qat_int8(workdir, user_file, weights, data, capsys):
     assert agree >= 0.9 and comp["sparsity"] > 0.2  # conv2 at 50 % (first and last layers are not pruned)
 
 
+@pytest.mark.parametrize("recipe", ["qat-int8", "prune-qat-int8"])
+def test_helpers_model_qat_and_prune(workdir, user_file, helpers_weights, digits_x, recipe, capsys):
+    """Loops over shapes, chunk/cat, math on sizes, a batch-sized torch.zeros, grouped convs, residual adds."""
+    out = workdir / f"helpers_{recipe}"
+    res = _compress(capsys, out, f"{user_file}:Helpers", helpers_weights, "digits", recipe,
+                    *(("stages.0.epochs=1",) if recipe == "qat-int8" else ("stages.0.epochs=1", "stages.1.epochs=1")))
+    assert res.code == 0, res.err + res.out
+    comp = _check_run(out, "4/4")
+    agree = _agreement(out, digits_x)
+    _report(capsys, f"Helpers {recipe}: acc {comp['accuracy']:.4f}, agreement with FP32 {agree:.4f}, "
+                    f"parity {comp['parity_top1']:.4f}")
+    assert agree >= 0.9
+
+
 def test_branchy_qat_int8_second_input_size(workdir, user_file, weights, capsys):
     spec = f"python:{user_file}:digits16"
     out = workdir / "branchy_qat16"
@@ -432,7 +464,7 @@ def test_branchy_qat_int8_second_input_size(workdir, user_file, weights, capsys)
     ("psg", ("stages.0.epochs=1", "stages.1.weight_bits=8")),
 ])
 def test_other_quantizing_recipes_on_a_branching_model(workdir, user_file, weights, recipe, sets, capsys):
-    out = workdir / f"helpers_{recipe}"
+    out = workdir / f"branchy_{recipe}"
     res = _compress(capsys, out, f"{user_file}:Branchy", weights, "digits", recipe,
                     "export.parity_samples=360", "bench.enabled=false", *sets)
     assert res.code == 0, res.err + res.out

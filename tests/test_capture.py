@@ -557,7 +557,7 @@ stages:
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the exact rebuild from run.json (random input of the run's shape) takes the trained state
-    from edgec.compress import rebuild_model
+    from edgec.runs import rebuild_model
 
     model = rebuild_model(out, "final")
     assert "adaptive_avg_pool2d" in model.code

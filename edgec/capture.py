@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
@@ -185,15 +186,17 @@ def _is_control_flow_error(exc: BaseException) -> bool:
             or ("Proxy" in msg and isinstance(exc, TypeError)))
 
 
-def _drop_concrete_placeholders(gm: fx.GraphModule, names: set[str]) -> None:
+def _drop_concrete_placeholders(g: fx.Graph, names: set[str]) -> None:
     """Remove the placeholders fx leaves for concrete_args (and the asserts on them): the value is
-    baked into the graph, and a dangling input would get an activation quantizer."""
-    g = gm.graph
+    baked into the graph, and a dangling input would get an activation quantizer. A container default
+    (``size=(8, 8)``) also made fx generate a pytree-flattening forward; with its placeholders gone the
+    plain ``forward(self, x)`` is the right one."""
     phs = [n for n in g.nodes if n.op == "placeholder" and str(n.target).rsplit("_", 1)[0] in names
            and str(n.target) not in names]
+    order = {n: i for i, n in enumerate(g.nodes)}
     for ph in phs:
-        doomed, frontier = [], [ph]
-        while frontier:
+        doomed, frontier, used = [], [ph], False
+        while frontier and not used:
             n = frontier.pop()
             for u in n.users:
                 if u.op == "call_function" and u.target in (operator.eq, torch._assert, _assert_is_none):
@@ -201,19 +204,29 @@ def _drop_concrete_placeholders(gm: fx.GraphModule, names: set[str]) -> None:
                         doomed.append(u)
                         frontier.append(u)
                 else:
-                    return  # really used: keep it (cannot happen for a baked value, but never break a graph)
-        for n in sorted(doomed, key=lambda n: -list(g.nodes).index(n)):
+                    used = True  # really used: keep it (cannot happen for a baked value; never break a graph)
+        if used:
+            continue
+        for n in sorted(doomed, key=lambda n: -order[n]):
             g.erase_node(n)
         g.erase_node(ph)
+    left = [n for n in g.nodes if n.op == "placeholder" and str(n.target).rsplit("_", 1)[0] in names]
+    if not left and type(g._codegen) is not fx.graph.CodeGen:
+        info = getattr(g._codegen, "pytree_info", None)
+        out = next(n for n in reversed(g.nodes) if n.op == "output")
+        if info is not None and info.out_spec is not None:  # the flattened outputs back in their structure
+            out.args = (pytree.tree_unflatten(list(out.args[0]), info.out_spec),)
+        g._codegen = fx.graph.CodeGen()
     g.lint()
-    gm.recompile()
 
 
 def _symbolic(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
-    gm = fx.symbolic_trace(model, concrete_args=concrete or None)
-    if concrete:
-        _drop_concrete_placeholders(gm, set(concrete))
-    return gm
+    if not concrete:  # exactly what quantization always traced
+        return fx.symbolic_trace(model)
+    tracer = fx.Tracer()  # fx.symbolic_trace, with the baked placeholders removed before codegen
+    graph = tracer.trace(model, concrete_args=concrete)
+    _drop_concrete_placeholders(graph, set(concrete))
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,8 +542,9 @@ def _concrete(model: nn.Module, example: tuple, concrete: dict[str, Any]) -> fx.
                          f"but the run gives {len(example)} input(s)",
                          hint="give the other arguments of forward() defaults")
     ph_values = {p.name: v for p, v in zip(tensor_params, example)}
-    for name, v in concrete.items():  # fx names concrete placeholders "<name>_1"
-        ph_values[f"{name}_1"] = v
+    for name, v in concrete.items():  # fx names the placeholders of a concrete arg's leaves "<name>_1", "_2", ...
+        for i, leaf in enumerate(pytree.tree_leaves(v), 1):
+            ph_values[f"{name}_{i}"] = leaf
     tracer = ConcreteTracer(ph_values)
     snap = _state_snapshot(model)
     before = _python_state(model)
@@ -561,9 +575,9 @@ def _concrete(model: nn.Module, example: tuple, concrete: dict[str, Any]) -> fx.
         raise _capture_error(model, what, loc, hint="keep Python-side state out of forward(): make it a "
                                                     "buffer (register_buffer) updated with tensor ops, or set "
                                                     "it outside forward()")
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if concrete:
-        _drop_concrete_placeholders(gm, set(concrete))
+        _drop_concrete_placeholders(graph, set(concrete))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _eliminate_dead(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()

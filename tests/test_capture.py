@@ -271,6 +271,30 @@ def test_defaulted_flag_traces_symbolically(um):
     assert torch.equal(gm(x), m(x))
 
 
+def test_container_and_none_defaults(um):
+    """Defaults that are tuples / None / str / int: baked in, one input left, the output unflattened."""
+    from edgec.capture import capture
+
+    class Sized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x, size=(8, 8), mode="avg", mask=None, k: int = 2):
+            if x.shape[-2:] != size:
+                x = torch.nn.functional.adaptive_avg_pool2d(x, size) if mode == "avg" else x[..., :8, :8]
+            if mask is not None:
+                x = x * mask
+            return {"logits": self.fc(x.flatten(1)) * k}
+
+    m = Sized().eval()
+    for s in (8, 16):
+        gm = capture(m, torch.randn(2, 1, s, s))
+        assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+        x = torch.randn(3, 1, s, s)
+        assert torch.equal(gm(x)["logits"], m(x)["logits"])
+
+
 def test_value_branch_is_one_clear_error(um, user_file):
     from edgec.capture import capture
     from edgec.errors import InputError

@@ -609,7 +609,7 @@ def capture(model: nn.Module, example_input=None) -> fx.GraphModule:
         return gm
     except Exception as exc:  # noqa: BLE001 - tracing errors are arbitrary user-code errors
         sym_exc = exc
-    example = _as_tuple(example_input)
+    example = _on_model_device(model, _as_tuple(example_input))
     if not example:
         loc = _user_frame_from_tb(sym_exc.__traceback__)
         hint = ("quantization needs a forward() without data-dependent Python control flow; "
@@ -621,6 +621,16 @@ def capture(model: nn.Module, example_input=None) -> fx.GraphModule:
     gm = _concrete(model, example, concrete)
     _check_batch_independent(model, gm, example, concrete)
     return gm
+
+
+def _on_model_device(model: nn.Module, example: tuple) -> tuple:
+    """The example on the model's device (a stage may hold the model on a GPU; examples come on CPU)."""
+    t = next(iter(model.parameters()), None)
+    if t is None:
+        t = next(iter(model.buffers()), None)
+    if t is None:
+        return example
+    return tuple(e.to(t.device) if isinstance(e, torch.Tensor) else e for e in example)
 
 
 def _check_batch_independent(model, gm: fx.GraphModule, example: tuple, concrete: dict) -> None:

@@ -33,6 +33,7 @@ class CompressRequest:
     force: bool = False
     trust_pickle: bool = False
     export: bool = True
+    allow_low_fidelity: bool = False  # keep an artifact below export.min_fidelity (no FidelityError)
 
 
 def _abs_spec(spec: str) -> str:
@@ -187,7 +188,7 @@ def compress(req: CompressRequest, *, console=None) -> Path:
     if is_main() and req.export and (recipe.export.enabled or recipe.bench.enabled):
         from edgec.pipeline import finish_run
 
-        finish_run(run_dir, console=console)
+        finish_run(run_dir, console=console, allow_low_fidelity=req.allow_low_fidelity)
     return run_dir
 
 

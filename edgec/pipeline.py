@@ -49,7 +49,7 @@ def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=N
         ok = parity.top1_agreement >= 0.99
         colour = "green" if ok else "red"
         console.print(
-            f"exported {out.name}: onnx.checker ok; parity on {parity.samples} real samples: "
+            f"exported {out.name}: onnx.checker {'ok' if parity.checker_ok else 'FAILED'}; parity on {parity.samples} real samples: "
             f"max |diff| {parity.max_abs_diff:.4g}, top-1 agreement [{colour}]{parity.top1_agreement:.2%}[/]; "
             f"ORT integer kernels: {parity.fused_compute}/{parity.compute_nodes} Conv/Gemm fused "
             f"{dict(parity.integer_ops) or ''}; file {info['file_bytes'] / 1024:.1f} KB, "
@@ -95,7 +95,35 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     return info
 
 
-def finish_run(run_dir: Path, *, console=None) -> dict:
+def _fidelity_gate(run_dir: Path, run: dict, rows: list[dict], px, models: dict, *, allow_low_fidelity: bool,
+                   console=None):
+    """Fidelity of model_compressed.onnx to the FP32 input model (edgec.export.fidelity): adds
+    ``fidelity_top1`` / ``fidelity_sqnr_db`` to the compressed row and writes export/fidelity.json.
+    Returns the FidelityError to raise (below ``export.min_fidelity``, not allowed) or None. The gate
+    applies only to a model given with --weights: a randomly initialised input has nothing to keep."""
+    from edgec.export.fidelity import check_fidelity, fidelity_error
+
+    ecfg = run["identity"]["recipe"].get("export", {})
+    threshold = ecfg.get("min_fidelity", 0.9)
+    fid = check_fidelity(models["input"], run_dir / "export" / "model_compressed.onnx", px,
+                         quant_model=models["final"])
+    rows[1].update(fidelity_top1=fid.top1_agreement, fidelity_sqnr_db=fid.sqnr_db)
+    rows[0].update(fidelity_top1=1.0)
+    atomic_write_text(run_dir / "export" / "fidelity.json", json.dumps(fid.as_dict(), indent=2, default=float))
+    if console is not None:
+        console.print(f"fidelity to the FP32 model on {fid.samples} real samples: top-1 agreement "
+                      f"{fid.top1_agreement:.2%}, output SQNR {fid.sqnr_db:.1f} dB, KL {fid.kl:.3g}; "
+                      f"worst layers: {fid.describe_worst()}")
+    gated = threshold is not None and run["identity"].get("weights_sha256") is not None
+    if gated and fid.top1_agreement < threshold:
+        if not allow_low_fidelity:
+            return fidelity_error(fid, threshold)
+        if console is not None:
+            console.print("[yellow]fidelity below export.min_fidelity: kept because of --allow-low-fidelity[/]")
+    return None
+
+
+def finish_run(run_dir: Path, *, console=None, allow_low_fidelity: bool = False) -> dict:
     """Export FP32 input + compressed model, bench both in ORT with accuracy, write the report."""
     from edgec.bench import bench, print_bench_table
     from edgec.compress import rebuild_model
@@ -112,11 +140,11 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
     n_par = ecfg.get("parity_samples", 1000)
     px = ex[:: max(1, len(ex) // n_par)][:n_par]  # spread over the eval set (often sorted by class)
     opset = ecfg.get("opset", 17)
-    rows, benches = [], []
+    rows, benches, models = [], [], {}
     quant_stage = next((s for s in recipe["stages"] if s["method"] in QUANT_METHODS), None)
     bits = f"w{quant_stage['weight_bits']}a{quant_stage['act_bits']}" if quant_stage else "fp32"
     for which, name in (("input", "model_fp32"), ("final", "model_compressed")):
-        model = rebuild_model(run_dir, which)
+        model = models[which] = rebuild_model(run_dir, which)
         info = export_model(model, run, run_dir / "export" / f"{name}.onnx", opset=opset, parity_x=px,
                             console=console)
         b = bench(info["path"], eval_x=ex, eval_y=ey, threads=bcfg.get("threads", 1),
@@ -138,6 +166,8 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
                      **({"accuracy_by_group": b["accuracy_by_group"]} if b.get("accuracy_by_group") else {})})
     if console is not None:
         print_bench_table(benches, console)
+    low_fidelity = _fidelity_gate(run_dir, run, rows, px, models, allow_low_fidelity=allow_low_fidelity,
+                                  console=console)
     # adversarially trained runs: PGD accuracy of both artifacts; eed: the dynamic ensemble + its rows
     from edgec.ensemble_bench import robustness_rows
 
@@ -150,4 +180,6 @@ def finish_run(run_dir: Path, *, console=None) -> dict:
                       f"ORT p50 speed-up x{speed:.2f}, deployed weights "
                       f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
         console.print(f"report: {paths['md']}  plot: {paths['png']}")
+    if low_fidelity is not None:  # after the report: it shows what was measured
+        raise low_fidelity
     return {"rows": rows + extra, "paths": {k: str(v) for k, v in paths.items()}}

@@ -69,8 +69,13 @@ def _norm_ranks(model: nn.Module, input_shape: tuple[int, ...] | None) -> dict[s
         return {}
     probe = copy.deepcopy(model).eval().cpu()
     ranks: dict[str, int] = {}
-    hooks = [probe.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: ranks.setdefault(n, args[0].dim())) for n in names]
+
+    def hook(name):
+        def record(mod, args):  # returns None: a pre-hook's return value would replace the inputs
+            ranks.setdefault(name, args[0].dim())
+        return record
+
+    hooks = [probe.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         probe(torch.zeros(1, *input_shape))
     finally:

@@ -1,18 +1,23 @@
 """Turn a float model into a quantization-simulating one (graph mode, torch.fx).
 
 ``quantize_model`` traces the model, folds BatchNorm into the preceding conv/linear (what is
-trained is then exactly what is exported), swaps Conv2d/Linear for their quantized versions and
-places per-tensor activation quantizers where ONNX Runtime expects Q/DQ pairs to fuse integer
+trained is then exactly what is exported), swaps Conv1d/Conv2d/Linear for their quantized versions
+and places per-tensor activation quantizers where ONNX Runtime expects Q/DQ pairs to fuse integer
 kernels:
 
 * after every graph input,
 * after every conv/linear (after its BatchNorm when `fold_bn=False`), or after its ReLU when the
-  ReLU is its only user (unsigned then),
-* after every residual add (or its ReLU),
-* after average pooling,
-* and before any quantized layer whose input would otherwise reach it unquantized.
+  ReLU is its only user,
+* after every residual add (or its ReLU), average pooling, concat, product of two tensors
+  (squeeze-excite gating), sigmoid / hard-sigmoid / hard-swish,
+* and on every tensor that a quantized layer or one of those ops would otherwise read unquantized
+  (one quantizer per source tensor, shared by all its users; shape-only ops such as max-pool,
+  flatten, transpose, split and pad pass the grid through).
 
-Layers with parameters that are neither Conv2d nor Linear are *unsupported*: they are named, and
+The graph only *places* quantizers: signedness, range and zero point of each come from the
+calibration data (``calibrate`` -> :meth:`ActQuant.set_grid_from_stats`).
+
+Layers with parameters that are neither conv nor Linear are *unsupported*: they are named, and
 either left in float or reported as an error (``unsupported: float | error``) -- except BatchNorms
 that cannot be folded into a conv (SubSpectralNorm's) when ``norm_bits`` is set: those become a
 per-channel affine with an integer scale and shift (:class:`edgec.quant.modules.QChannelAffine`).

@@ -120,7 +120,10 @@ def layer_sqnr(fp32_model: nn.Module, quant_model: nn.Module, x: torch.Tensor) -
             return str(n.target)
         return n.name
 
+    eff: dict[str, float] = {}  # SQNR reaching each node (unmatched nodes inherit their inputs')
     for n in quant_model.graph.nodes:
+        base = min([eff[a.name] for a in n.all_input_nodes if a.name in eff], default=_CAP_DB)
+        eff[n.name] = base
         if n.op in ("placeholder", "output", "get_attr") or n.name not in got.values:
             continue
         mod = quant_model.get_submodule(str(n.target)) if n.op == "call_module" else None
@@ -131,8 +134,7 @@ def layer_sqnr(fp32_model: nn.Module, quant_model: nn.Module, x: torch.Tensor) -
         if ref_val is None or ref_val.shape != val.shape:
             continue
         s = sqnr_db(ref_val.numpy(), val.numpy())
-        ins = [rows[a.name]["sqnr_db"] for a in n.all_input_nodes if a.name in rows]
-        base = min([min(v, _CAP_DB) for v in ins], default=_CAP_DB)
+        eff[n.name] = min(s, _CAP_DB)
         name = (f"{label(src)} [quantized]" if src is not n and src.op != "placeholder"
                 else "input [quantized]" if src is not n else label(n))
         row = {"name": name, "sqnr_db": round(min(s, 999.0), 2), "drop_db": round(max(0.0, base - min(s, _CAP_DB)), 2)}

@@ -177,6 +177,7 @@ def finish_run(run_dir: Path, *, console=None, allow_low_fidelity: bool = False)
         a0, a1 = rows[0]["accuracy"], rows[1]["accuracy"]
         speed = rows[0]["latency_p50_ms"] / rows[1]["latency_p50_ms"]
         console.print(f"[bold]accuracy {a0:.2%} -> {a1:.2%} ({(a1 - a0) * 100:+.2f} pt), "
+                      f"fidelity to FP32 {rows[1].get('fidelity_top1', float('nan')):.2%}, "
                       f"ORT p50 speed-up x{speed:.2f}, deployed weights "
                       f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
         console.print(f"report: {paths['md']}  plot: {paths['png']}")

@@ -111,7 +111,7 @@ def layer_sqnr(fp32_model: nn.Module, quant_model: nn.Module, x: torch.Tensor) -
     ref.run(x)
     got = _Recorder(quant_model.eval().cpu())
     got.run(x)
-    folded = dict(quant_model.meta.get("edgec_folded_bn", {}))
+    folded = dict(quant_model.meta.get("edgec_ref_names", {}))  # folded conv -> its BN, rewritten ops
     rows: dict[str, dict] = {}
     out = []
 

@@ -114,6 +114,10 @@ class QLinear(nn.Linear):
         return F.linear(x, self.quantized_weight(), _quantized_bias(self))
 
 
+def _apply_loaded_range(mod: "ActQuant", _keys) -> None:
+    mod._apply_range()  # a module-level function, not a lambda: the module stays picklable
+
+
 class ActQuant(nn.Module):
     """A per-tensor activation quantization point (becomes a QuantizeLinear/DequantizeLinear pair).
 
@@ -142,7 +146,7 @@ class ActQuant(nn.Module):
         self.register_buffer("qrange", torch.tensor([quantizer.qmin, quantizer.qmax], dtype=torch.long))
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
-        self.register_load_state_dict_post_hook(lambda mod, _keys: mod._apply_range())
+        self.register_load_state_dict_post_hook(_apply_loaded_range)
 
     @property
     def zero_point(self) -> int:

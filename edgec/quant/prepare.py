@@ -116,7 +116,7 @@ def _set_module(gm: nn.Module, name: str, new: nn.Module) -> None:
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold every BatchNorm that directly follows a conv/linear (its only user) into it."""
     gm.eval()
-    folded = gm.meta.setdefault("edgec_folded_bn", {})
+    folded = gm.meta.setdefault("edgec_ref_names", {})
     for node in list(gm.graph.nodes):
         if not _conv_bn(gm, node):
             continue
@@ -134,6 +134,33 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def decompose_hardswish(gm: fx.GraphModule) -> int:
+    """Rewrite hard-swish as ``x * hardsigmoid(x)`` (what ONNX Runtime's optimizer does with the ONNX
+    HardSwish op anyway), so the product gets its own quantization points and runs as QLinearMul, as in
+    ORT's quantize_static; a HardSwish between Q/DQ ran as float HardSigmoid + float Mul."""
+    names = gm.meta.setdefault("edgec_ref_names", {})
+    done = 0
+    for node in list(gm.graph.nodes):
+        is_hs = (isinstance(_module(gm, node), nn.Hardswish)
+                 or (node.op == "call_function" and node.target is F.hardswish))
+        if not is_hs or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_after(node):
+            gate = gm.graph.call_function(F.hardsigmoid, (x,))
+        with gm.graph.inserting_after(gate):
+            prod = gm.graph.call_function(operator.mul, (x, gate))
+        node.replace_all_uses_with(prod)
+        gm.graph.erase_node(node)
+        names[prod.name] = node.name  # per-layer fidelity: this product is the user's hard-swish
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return done
 
 
 def _conv_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -231,6 +258,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile) -> 
     gm = trace(copy.deepcopy(model))
     if spec.fold_bn:
         gm = fold_batchnorm(gm)
+    decompose_hardswish(gm)
     report = QuantReport()
     kept_bn = set() if spec.fold_bn else {str(n.target) for n in gm.graph.nodes if _conv_bn(gm, n)}
     if spec.norm_bits is not None:

@@ -250,3 +250,25 @@ def test_fidelity_report_against_the_fp32_model(tmp_path, digits):
     src = next(n for n in gm.graph.nodes if n.target == aq_name).args[0]
     label = str(src.target) if src.op == "call_module" else src.name
     assert rep.worst_layers(1)[0]["name"] == f"{label} [quantized]", rep.worst_layers()
+
+
+def test_lsq_qat_with_zero_points_exports_what_it_trained(tmp_path, digits):
+    """LSQ steps trained with the zero points fixed at calibration: ORT computes the simulation."""
+    x, y, cx = digits
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Hardswish(), torch.nn.Flatten(),
+                            torch.nn.Linear(512, 10))
+    m[2].running_mean.fill_(0.3)
+    gm = _calibrated(m, cx, weight_quantizer="lsq", act_quantizer="lsq")
+    gm.train()
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(cx), torch.from_numpy(y[: len(cx)] if len(y) >= len(cx) else np.resize(y, len(cx)))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(gm(xt), yt).backward()
+        opt.step()
+    gm.eval()
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "lsq.onnx")
+    rep = check_export(gm, res.path, x)
+    assert rep.top1_agreement >= 0.99 and rep.fused_compute == rep.compute_nodes == 3

@@ -58,13 +58,14 @@ def compress(
     force: Annotated[bool, typer.Option(help="overwrite --out even if it holds another run")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="allow loading pickled whole modules (runs arbitrary code!)")] = False,
     no_export: Annotated[bool, typer.Option("--no-export", help="stop after training (run `edgec export` later)")] = False,
+    allow_low_fidelity: Annotated[bool, typer.Option("--allow-low-fidelity", help="keep an artifact whose agreement with the FP32 model is below export.min_fidelity (exit 0 instead of 6)")] = False,
 ):
     """Compress a trained model with a recipe, then export, bench and report."""
     from edgec.pipeline import CompressRequest, compress as run
 
     run(CompressRequest(model=model, data=data, recipe=recipe, weights=weights, overrides=tuple(set_ or ()),
                         out=out, device=device, resume=resume, force=force, trust_pickle=trust_pickle,
-                        export=not no_export), console=_console())
+                        export=not no_export, allow_low_fidelity=allow_low_fidelity), console=_console())
 
 
 @app.command()

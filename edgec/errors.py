@@ -70,3 +70,10 @@ class MissingDependency(EdgecError):
     def __init__(self, package: str, extra: str | None = None):
         how = f"pip install 'edgec[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"this feature needs the optional package {package!r}", hint=how)
+
+
+class FidelityError(EdgecError):
+    """The exported artifact agrees with the FP32 input model less than the recipe's
+    ``export.min_fidelity`` (top-1 agreement on real samples); the message names the worst layers."""
+
+    exit_code = 6

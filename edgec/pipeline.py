@@ -48,6 +48,7 @@ class CompressRequest:
     force: bool = False
     trust_pickle: bool = False
     export: bool = True
+    allow_low_fidelity: bool = False  # keep an artifact below export.min_fidelity (no FidelityError)
 
 
 @dataclass
@@ -231,7 +232,7 @@ def compress(req: CompressRequest, *, console=None, model=None, data=None, recip
         log("export.enabled is false in the recipe: nothing exported or benched (run `edgec export RUN_DIR` later)")
         return result
     return finish_run(run_dir, read_run(run_dir), recipe, data, input_model, result.model, console=console,
-                      result=result)
+                      result=result, allow_low_fidelity=req.allow_low_fidelity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +294,36 @@ def _interleaved_latency(rows: list[dict], recipe: Recipe, ex, console) -> dict:
     return cmp
 
 
+def _fidelity_gate(run_dir: Path, run: dict, recipe: Recipe, rows: list[dict], px, input_model, final_model, *,
+                   allow_low_fidelity: bool, console=None):
+    """Fidelity of model_compressed.onnx to the FP32 input model (edgec.export.fidelity): adds
+    ``fidelity_top1`` / ``fidelity_sqnr_db`` to the compressed row and writes export/fidelity.json.
+    Returns the FidelityError to raise (below ``export.min_fidelity``, not allowed) or None. The gate
+    applies to a trained input (``--weights``, or an in-memory model through the Python API): a randomly
+    initialised model has nothing to keep."""
+    from edgec.export.fidelity import check_fidelity, fidelity_error
+
+    threshold = recipe.export.min_fidelity
+    fid = check_fidelity(input_model, run_dir / "export" / "model_compressed.onnx", px, quant_model=final_model)
+    rows[1].update(fidelity_top1=fid.top1_agreement, fidelity_sqnr_db=fid.sqnr_db)
+    rows[0].update(fidelity_top1=1.0)
+    atomic_write_text(run_dir / "export" / "fidelity.json", json.dumps(fid.as_dict(), indent=2, default=float))
+    if console is not None:
+        console.print(f"fidelity to the FP32 model on {fid.samples} real samples: top-1 agreement "
+                      f"{fid.top1_agreement:.2%}, output SQNR {fid.sqnr_db:.1f} dB, KL {fid.kl:.3g}; "
+                      f"worst layers: {fid.describe_worst()}")
+    ident = run["identity"]
+    trained = ident.get("weights_sha256") is not None or str(ident.get("model", "")).startswith(IN_MEMORY)
+    if threshold is not None and trained and fid.top1_agreement < threshold:
+        if not allow_low_fidelity:
+            return fidelity_error(fid, threshold)
+        if console is not None:
+            console.print("[yellow]fidelity below export.min_fidelity: kept because of --allow-low-fidelity[/]")
+    return None
+
+
 def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, final_model, *, console=None,
-               result: RunResult | None = None) -> RunResult:
+               result: RunResult | None = None, allow_low_fidelity: bool = False) -> RunResult:
     """Steps 3-5 on the models in memory: export + check both, bench them in ORT, write the report."""
     from edgec.bench import bench, print_bench_table
     from edgec.bench.robustness import robustness_rows
@@ -318,6 +347,8 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
             benches.append(b)
         name = "fp32 input" if which == "input" else recipe.name
         rows.append(_row(name, which, info, b, _bits(recipe), sparsity_stats(model)["sparsity"]))
+    low_fidelity = _fidelity_gate(run_dir, run, recipe, rows, px, input_model, final_model,
+                                  allow_low_fidelity=allow_low_fidelity, console=console)
     ensemble_dir = None
     if hasattr(final_model, "members"):  # eed: the deployable dynamic ensemble (member graphs + ensemble.json)
         from edgec.export.ensemble import ENSEMBLE_DIR, export_run_ensemble
@@ -349,6 +380,9 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
     result.report = {k: str(v) for k, v in paths.items()}
     if console is not None and recipe.bench.enabled and rows[0]["accuracy"] is not None:
         _print_summary(console, rows, paths)
+    if low_fidelity is not None:  # after the report: it shows what was measured
+        low_fidelity.result = result
+        raise low_fidelity
     return result
 
 
@@ -356,7 +390,7 @@ def _print_summary(console, rows: list[dict], paths: dict) -> None:
     a0, a1 = rows[0]["accuracy"], rows[1]["accuracy"]
     lo, hi = rows[1]["speedup_spread"]
     console.print(f"[bold]accuracy {a0:.2%} -> {a1:.2%} ({(a1 - a0) * 100:+.2f} pt), "
-                  f"ORT p50 speed-up x{rows[1]['speedup_vs_fp32']:.2f} (x{lo:.2f}-x{hi:.2f} over "
+                  f"fidelity to FP32 {rows[1].get('fidelity_top1', float('nan')):.2%}, ORT p50 speed-up x{rows[1]['speedup_vs_fp32']:.2f} (x{lo:.2f}-x{hi:.2f} over "
                   f"{rows[1]['latency_rounds']} interleaved rounds), deployed weights "
                   f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
     console.print(f"report: {paths['md']}  plot: {paths['png']}")

@@ -40,6 +40,10 @@ class ExportCfg(_Strict):
     enabled: bool = Field(True, description="false: compress stops after training, nothing exported or benched")
     opset: int = Field(17, ge=13, le=21)
     parity_samples: int = Field(1000, ge=1)
+    min_fidelity: float | None = Field(0.9, ge=0, le=1, description=(
+        "least top-1 agreement of the compressed artifact with the FP32 input model on the parity samples; "
+        "below it compress fails with exit 6 (FidelityError) unless --allow-low-fidelity; null = report only. "
+        "Checked when the input model came with --weights"))
 
 
 class BenchCfg(_Strict):

@@ -66,7 +66,8 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     base = _num(rows[0].get("latency_p50_ms")) if rows else None
     batches = sorted({r.get("batch") for r in rows if r.get("batch")})
     bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "see batch column"
-    head = ["name", "format", "bits", "accuracy %", f"p50 ms ({bdesc})", "speed-up vs first",
+    fid = any(r.get("fidelity_top1") is not None for r in rows)
+    head = ["name", "format", "bits", "accuracy %", *(["fidelity %"] if fid else []), f"p50 ms ({bdesc})", "speed-up vs first",
             "file KB", "deployed weight KB", "sparsity %", "params nonzero"]
     lines = [f"# {title}", "", f"Created {created}.", "",
              "| " + " | ".join(head) + " |",
@@ -78,6 +79,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
         cells = [
             _cell(r.get("name")), _cell(r.get("format")), _cell(r.get("bits")),
             _fmt(r.get("accuracy"), ".2f", 100.0),
+            *([_fmt(r.get("fidelity_top1"), ".2f", 100.0)
+               + (f" ({_fmt(r.get('fidelity_sqnr_db'), '.1f')} dB)" if _num(r.get("fidelity_sqnr_db")) is not None
+                  else "")] if fid else []),
             _fmt(lat, ".3f"),
             speedup,
             _fmt(r.get("file_bytes"), ".1f", 1 / 1024),
@@ -94,6 +98,8 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
          "Speed-up = p50 latency of the first row / p50 latency of this row. ") +
         "Deployed weight KB = non-zero weights and biases at their deployed bit width "
         "(sparse index overhead not included); file KB = size of the artifact on disk. "
+        + ("Fidelity = top-1 agreement of the artifact with the FP32 input model on the parity samples "
+           "(output SQNR in dB). " if fid else "") +
         f"{DASH} = not measured.",
         "",
     ]

@@ -3,6 +3,11 @@
 A profile decides the integer containers and ranges a compressed model is *trained* for, so the
 exported artifact computes what the PyTorch simulation computed.
 
+Activation grids are decided from calibration statistics (:meth:`TargetProfile.act_grid`), never from
+the graph: a tensor whose observed minimum is >= 0 gets an unsigned grid with zero point 0; any other
+tensor gets, on the ONNX Runtime CPU profiles, an asymmetric uint8 grid with a zero point covering
+[min, max] (what ORT's ``quantize_static`` does), and on ``tensorrt`` a symmetric signed int8 grid.
+
 * ``x86``: ONNX Runtime u8s8 kernels (uint8 activations, int8 weights). Without AVX-VNNI the AVX2
   path multiplies pairs of u8*s8 into a saturating int16 (``vpmaddubsw``): 2*255*127 overflows, so
   weights use a 7-bit range [-63, 63] ("reduce_range"), which never saturates.
@@ -25,6 +30,7 @@ class TargetProfile:
     act_container: str  # "uint8" or "int8"
     weight_qmax_cap: int  # largest |q| a weight may take in the int8 container
     ort_providers: tuple[str, ...]
+    act_symmetric: bool = False  # True: signed activations on a symmetric grid, zero point 0 (TensorRT)
 
     def weight_range(self, bits: int) -> tuple[int, int]:
         """Symmetric, narrow signed range for a weight of ``bits`` bits."""
@@ -38,6 +44,23 @@ class TargetProfile:
         if self.act_container == "int8":
             return 0, min(2**bits - 1, 127)
         return 0, 2**bits - 1
+
+    def act_grid(self, bits: int, lo: float, hi: float) -> tuple[int, int, int]:
+        """(qmin, qmax, zero point) of an activation of ``bits`` bits observed in [lo, hi].
+
+        [qmin, qmax] is relative to the zero point (the container holds qmin+zp .. qmax+zp).
+        """
+        levels = 2**bits
+        if not lo < 0:  # post-ReLU and other non-negative tensors: unsigned, zero point 0
+            qmin, qmax = self.act_range(bits, signed=False)
+            return qmin, qmax, 0
+        if self.act_symmetric or self.act_container == "int8":
+            qmin, qmax = self.act_range(bits, signed=True)
+            return qmin, qmax, 0
+        hi = max(float(hi), 0.0)
+        step = (hi - float(lo)) / (levels - 1)
+        zp = int(min(max(round(-float(lo) / step), 0), levels - 1)) if step > 0 else 0
+        return -zp, levels - 1 - zp, zp
 
     def act_zero_point(self, signed: bool) -> int:
         """Zero point in the container for a symmetric signed/unsigned quantizer."""
@@ -55,7 +78,7 @@ TARGETS.add("arm64", TargetProfile(
     "uint8", 127, ("CPUExecutionProvider",)))
 TARGETS.add("tensorrt", TargetProfile(
     "tensorrt", "TensorRT explicit quantization: symmetric int8 activations and weights",
-    "int8", 127, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")))
+    "int8", 127, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), act_symmetric=True))
 
 
 def get_target(name: str) -> TargetProfile:

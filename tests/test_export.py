@@ -92,3 +92,183 @@ def test_float_export_and_opset_check(tmp_path, digits):
     with pytest.raises(ExportError, match="opset"):
         export_onnx(gm, (1, 8, 8), tmp_path / "old.onnx", opset=11)
     assert not (tmp_path / "old.onnx").exists()
+
+
+def _calibrated(model, x, **spec):
+    spec = {"weight_quantizer": "minmax", "act_quantizer": "minmax", **spec}
+    gm, _ = quantize_model(model.eval(), QuantSpec(**spec), get_target("x86"))
+    calibrate(gm, [(torch.from_numpy(x), None)])
+    return gm
+
+
+class _ShuffleNet(torch.nn.Module):
+    """One max-pool output feeds two convs; concat; channel shuffle (view / transpose / reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.left, self.right = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = torch.nn.Conv2d(16, 16, 1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        x = torch.relu(self.mix(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_channel_shuffle_exports_one_requant_pair_per_source(tmp_path, digits):
+    """A pooled tensor feeding two convs: one Q/DQ pair for the tensor, not one per consumer under the
+    same name ("Graph must be in single static assignment form")."""
+    x, _, cx = digits
+    torch.manual_seed(0)
+    gm = _calibrated(_ShuffleNet(), cx)
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "shuffle.onnx")
+    model = onnx.load(str(res.path))
+    outs = [o for n in model.graph.node for o in n.output]
+    assert len(outs) == len(set(outs))
+    requant = [n for n in model.graph.node if n.name.endswith("_requant_q")]
+    assert len({n.input[0] for n in requant}) == len(requant)
+    rep = check_export(gm, res.path, x)
+    assert rep.checker_ok and rep.checker_error is None
+    assert rep.top1_agreement >= 0.99 and rep.fused_compute == rep.compute_nodes == 5
+    assert rep.integer_ops.get("QLinearConcat") == 1
+
+
+class _Frame1D(torch.nn.Module):
+    """1-D frames (the 64 pixels as a signal): Conv1d -> BN1d -> ReLU -> max-pool -> pad -> Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv1d(1, 8, 5, padding=2), torch.nn.BatchNorm1d(8)
+        self.c2 = torch.nn.Conv1d(8, 8, 3)
+        self.fc = torch.nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 2)
+        x = torch.nn.functional.max_pool1d(torch.relu(self.b1(self.c1(x))), 2)
+        x = torch.relu(self.c2(torch.nn.functional.pad(x, (1, 1))))
+        return self.fc(torch.flatten(torch.nn.functional.max_pool1d(x, 2), 1))
+
+
+def test_conv1d_model_runs_integer_kernels(tmp_path, digits):
+    x, _, cx = digits
+    torch.manual_seed(0)
+    gm = _calibrated(_Frame1D(), cx)
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "frame.onnx")
+    rep = check_export(gm, res.path, x)
+    assert rep.compute_nodes == 3 and rep.fused_compute == 3 and rep.float_compute_left == 0
+    assert rep.top1_agreement >= 0.99
+    assert sum(1 for k in res.weight_tensors if k.endswith("weight")) == 3  # int8 weights, Conv1d included
+
+
+class _Frame2D(torch.nn.Module):
+    """A model on rank-2 input (a frame of 64 samples) that reshapes to 4-D and has a BatchNorm after a
+    ReLU (not foldable): with norm_bits it becomes a quantized norm on rank-4 tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(1, 8, (5, 1), padding=(2, 0)), torch.nn.BatchNorm2d(8)
+        self.c2 = torch.nn.Conv2d(8, 8, (3, 1), padding=(1, 0))
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], 1, -1, 1)
+        x = self.c2(self.bn(torch.relu(self.c1(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_quantized_norm_on_a_rank2_input_model(tmp_path, digits):
+    x, _, cx = digits
+    x2, cx2 = x.reshape(len(x), 64), cx.reshape(len(cx), 64)
+    torch.manual_seed(0)
+    gm = _calibrated(_Frame2D(), cx2, norm_bits=8)
+    res = export_onnx(gm, (64,), tmp_path / "norm.onnx")  # was: "exported for rank-2 inputs but got rank 4"
+    assert any(k.endswith(".a") for k in res.weight_tensors)
+    assert check_export(gm, res.path, x2).top1_agreement >= 0.99
+
+
+def test_asymmetric_zero_points_exported_as_simulated(tmp_path, digits):
+    """conv -> ReLU -> BN -> conv: the conv input's zero point (from calibration) is the one in the
+    QuantizeLinear, and ORT computes what the simulation computes."""
+    from edgec.quant.modules import ActQuant
+
+    x, _, cx = digits
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(512, 10))
+    m[2].running_mean.fill_(0.3)
+    gm = _calibrated(m, cx)
+    zps = sorted({a.zero_point for a in gm.modules() if isinstance(a, ActQuant)})
+    assert any(0 < z < 255 for z in zps)
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "asym.onnx")
+    model = onnx.load(str(res.path))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant"})
+    exported = sorted({int(consts[q.input[2]]) for q in model.graph.node
+                       if q.op_type == "QuantizeLinear" and q.input[2] in consts})
+    assert exported == zps
+    rep = check_export(gm, res.path, x)
+    with torch.no_grad():
+        peak = float(gm(torch.from_numpy(x)).abs().max())
+    assert rep.top1_agreement >= 0.99 and rep.max_abs_diff < 0.05 * peak
+
+
+def test_fidelity_report_against_the_fp32_model(tmp_path, digits):
+    from edgec.export.fidelity import FidelityReport, check_fidelity
+
+    x, _, cx = digits
+    torch.manual_seed(0)
+    fp32 = create_model("digits_cnn").eval()
+    fp32_path = export_onnx(fp32, (1, 8, 8), tmp_path / "fp32.onnx").path
+    gm = _calibrated(fp32, cx)
+    q_path = export_onnx(gm, (1, 8, 8), tmp_path / "q.onnx").path
+    rep = check_fidelity(fp32, q_path, x, quant_model=gm)
+    assert isinstance(rep, FidelityReport) and rep.samples == len(x)
+    d = rep.as_dict()
+    assert {"top1_agreement", "sqnr_db", "kl", "layers", "worst_layers"} <= set(d)
+    assert rep.sqnr_db > 20 and rep.kl < 0.05 and rep.top1_agreement > 0.9
+    names = [r["name"] for r in rep.layers]
+    assert "input [quantized]" in names and any(n.startswith("conv") for n in names)
+    # the FP32 ONNX gives the same output-level numbers
+    same = check_fidelity(fp32_path, q_path, x)
+    assert same.top1_agreement == pytest.approx(rep.top1_agreement, abs=0.01)
+    # a broken grid is found: squeeze one quantizer's range and it becomes the worst layer
+    from edgec.quant.modules import ActQuant
+
+    aq_name, aq = [(n, m) for n, m in gm.named_modules() if isinstance(m, ActQuant)][2]
+    aq.q.absmax.mul_(0.02)
+    aq.q.hi.mul_(0.02)
+    aq.q.lo.mul_(0.02)
+    bad = export_onnx(gm, (1, 8, 8), tmp_path / "bad.onnx").path
+    rep = check_fidelity(fp32, bad, x, quant_model=gm)
+    src = next(n for n in gm.graph.nodes if n.target == aq_name).args[0]
+    label = str(src.target) if src.op == "call_module" else src.name
+    assert rep.worst_layers(1)[0]["name"] == f"{label} [quantized]", rep.worst_layers()
+
+
+def test_lsq_qat_with_zero_points_exports_what_it_trained(tmp_path, digits):
+    """LSQ steps trained with the zero points fixed at calibration: ORT computes the simulation."""
+    x, y, cx = digits
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Hardswish(), torch.nn.Flatten(),
+                            torch.nn.Linear(512, 10))
+    m[2].running_mean.fill_(0.3)
+    gm = _calibrated(m, cx, weight_quantizer="lsq", act_quantizer="lsq")
+    gm.train()
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(cx), torch.from_numpy(y[: len(cx)] if len(y) >= len(cx) else np.resize(y, len(cx)))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(gm(xt), yt).backward()
+        opt.step()
+    gm.eval()
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "lsq.onnx")
+    rep = check_export(gm, res.path, x)
+    assert rep.top1_agreement >= 0.99 and rep.fused_compute == rep.compute_nodes == 3

@@ -44,7 +44,7 @@ def _print_check(console, out: Path, info: dict, parity) -> None:
     ok = parity.top1_agreement >= 0.99
     colour = "green" if ok else "red"
     console.print(
-        f"exported {out.name}: onnx.checker ok; parity on {parity.samples} real samples: "
+        f"exported {out.name}: onnx.checker {'ok' if parity.checker_ok else 'FAILED'}; parity on {parity.samples} real samples: "
         f"max |diff| {parity.max_abs_diff:.4g}, top-1 agreement [{colour}]{parity.top1_agreement:.2%}[/]; "
         f"ORT integer kernels: {parity.fused_compute}/{parity.compute_nodes} Conv/Gemm fused "
         f"{dict(parity.integer_ops) or ''}; file {info['file_bytes'] / 1024:.1f} KB, "

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgec.errors import ExportError
-from edgec.quant.modules import QUANT_MODULES, ActQuant, QChannelAffine, QConv2d
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QChannelAffine, QConv1d, QConv2d
 
 
 @dataclass
@@ -60,18 +60,45 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (*QUANT_MODULES, ActQuant)) for m in model.modules())
 
 
-def _export_copy(model: nn.Module, rank: int = 4) -> tuple[nn.Module, dict[str, _WeightQ]]:
+@torch.no_grad()
+def _norm_ranks(model: nn.Module, input_shape: tuple[int, ...] | None) -> dict[str, int]:
+    """The rank of the tensor each quantized norm sees, from one forward of a zero input (a model may
+    reshape its input: a 1-D frame model that runs Conv2d on (N, 1, T, 1) has norms on rank 4)."""
+    names = [n for n, mod in model.named_modules() if isinstance(mod, QChannelAffine)]
+    if not names or input_shape is None:
+        return {}
+    probe = copy.deepcopy(model).eval().cpu()
+    ranks: dict[str, int] = {}
+
+    def hook(name):
+        def record(mod, args):  # returns None: a pre-hook's return value would replace the inputs
+            ranks.setdefault(name, args[0].dim())
+        return record
+
+    hooks = [probe.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        probe(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranks
+
+
+def _export_copy(model: nn.Module, rank: int = 4,
+                 input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, dict[str, _WeightQ]]:
     """Plain float modules holding the already-quantized weights; ActQuants switched to Q/DQ.
 
-    ``rank``: the rank of the tensors quantized norms see (the model input's, for image/spectrogram
-    models), so their scale and shift are shaped to broadcast without a Reshape.
+    Quantized norms get their scale and shift shaped (1, C, 1, ...) for the rank of the tensor they
+    see, so they broadcast without a Reshape: measured with one forward when ``input_shape`` is given,
+    else ``rank``.
     """
+    ranks = _norm_ranks(model, input_shape)
     m = copy.deepcopy(model).eval().cpu()
     wq: dict[str, _WeightQ] = {}
     for name, mod in list(m.named_modules()):
         if isinstance(mod, QChannelAffine):
             with torch.no_grad():
-                plain = _AffineExport(mod.quantized_scale(), mod.quantized_shift(), rank)
+                plain = _AffineExport(mod.quantized_scale(), mod.quantized_shift(), ranks.get(name, rank))
             parent_name, _, attr = name.rpartition(".")
             setattr(m.get_submodule(parent_name) if parent_name else m, attr, plain)
             for tensor, q in (("a", mod.aq), ("b", mod.bq)):
@@ -82,10 +109,11 @@ def _export_copy(model: nn.Module, rank: int = 4) -> tuple[nn.Module, dict[str, 
                 w = mod.quantized_weight().detach().clone()
                 b = mod.quantized_bias()
                 scale = mod.wq.scale().detach().cpu().numpy().astype(np.float32).reshape(-1)
-            if isinstance(mod, QConv2d):
-                plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
-                                  padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
-                                  bias=mod.bias is not None, padding_mode=mod.padding_mode)
+            if isinstance(mod, (QConv2d, QConv1d)):
+                conv = nn.Conv2d if isinstance(mod, QConv2d) else nn.Conv1d
+                plain = conv(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                             padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                             bias=mod.bias is not None, padding_mode=mod.padding_mode)
             else:
                 plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             plain.weight = nn.Parameter(w)
@@ -242,39 +270,54 @@ def _integerize_tensor(g, init, q: _WeightQ, new_nodes: list) -> dict:
             "nonzero": int(np.count_nonzero(vint)), "numel": int(vint.size)}
 
 
-_SHAPE_OPS = ("Flatten", "Reshape", "MaxPool", "Squeeze", "Unsqueeze", "Transpose")
+_SHAPE_OPS = ("Flatten", "Reshape", "MaxPool", "Squeeze", "Unsqueeze", "Transpose", "Split", "Pad")
+# ops ORT runs as integer kernels when every input comes from a DequantizeLinear: which inputs
+_INTEGER_INPUTS = {"Conv": (0,), "Gemm": (0,), "MatMul": (0,), "Add": (0, 1), "Mul": (0, 1),
+                   "Concat": None, "Sigmoid": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,)}
 
 
 def _requantize_shape_ops(model_proto) -> int:
-    """Give a Conv/Gemm fed by DQ -> (Flatten|Reshape|MaxPool...) its own Q/DQ pair.
+    """Give an integer-capable op fed by DQ -> (Flatten|Reshape|MaxPool|Transpose|Split|Pad...) its
+    own Q/DQ pair: one pair per source tensor, shared by all its consumers (SSA).
 
     Shape-only ops keep values on the same grid, so re-quantizing with the same scale and zero
-    point is exact; it lets ONNX Runtime see DQ -> Gemm and fuse the integer kernel.
+    point is exact; it lets ONNX Runtime see DQ -> Gemm (QLinearConcat, ...) and fuse the integer
+    kernel, and DQ -> MaxPool -> Q runs MaxPool on uint8.
     """
     from onnx import helper
 
     g = model_proto.graph
     producer = {o: n for n in g.node for o in n.output}
-    added = 0
+    done: dict[str, str] = {}  # source tensor -> its re-quantized name
+    pairs: list[tuple[object, list]] = []  # (producer node, [Q, DQ]) to insert after it
     for node in list(g.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        src = producer.get(node.input[0])
-        walk = src
-        while walk is not None and walk.op_type in _SHAPE_OPS:
-            walk = producer.get(walk.input[0])
-        if src is None or src.op_type == "DequantizeLinear" or walk is None or walk.op_type != "DequantizeLinear":
-            continue
-        name = node.input[0]
-        q_out, dq_out = name + "_requant_q", name + "_requant"
-        qnode = helper.make_node("QuantizeLinear", [name, *walk.input[1:]], [q_out], name=q_out)
-        dqnode = helper.make_node("DequantizeLinear", [q_out, *walk.input[1:]], [dq_out], name=dq_out)
-        idx = list(g.node).index(node)
-        g.node.insert(idx, dqnode)
-        g.node.insert(idx, qnode)
-        node.input[0] = dq_out
-        added += 1
-    return added
+        positions = _INTEGER_INPUTS.get(node.op_type, ())
+        if positions is None:
+            positions = range(len(node.input))
+        for pos in positions:
+            if pos >= len(node.input) or not node.input[pos]:
+                continue
+            name = node.input[pos]
+            if name in done:
+                node.input[pos] = done[name]
+                continue
+            src = producer.get(name)
+            walk = src
+            while walk is not None and walk.op_type in _SHAPE_OPS:
+                walk = producer.get(walk.input[0])
+            if src is None or src.op_type == "DequantizeLinear" or walk is None or walk.op_type != "DequantizeLinear":
+                continue
+            q_out, dq_out = name + "_requant_q", name + "_requant"
+            qnode = helper.make_node("QuantizeLinear", [name, *walk.input[1:]], [q_out], name=q_out)
+            dqnode = helper.make_node("DequantizeLinear", [q_out, *walk.input[1:]], [dq_out], name=dq_out)
+            pairs.append((src, [qnode, dqnode]))
+            done[name] = dq_out
+            node.input[pos] = dq_out
+    for src, new in pairs:
+        idx = list(g.node).index(src) + 1
+        for k, n in enumerate(new):
+            g.node.insert(idx + k, n)
+    return len(pairs)
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, opset: int = 17) -> ExportResult:
@@ -286,7 +329,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, op
     quantized = is_quantized(model)
     if quantized and opset < 13:
         raise ExportError(f"per-channel Q/DQ needs opset >= 13, got {opset}", hint="use --opset 13 or newer")
-    m, wq = _export_copy(model, rank=1 + len(input_shape)) if quantized else (copy.deepcopy(model).eval().cpu(), {})
+    m, wq = (_export_copy(model, rank=1 + len(input_shape), input_shape=tuple(input_shape)) if quantized
+             else (copy.deepcopy(model).eval().cpu(), {}))
     x = torch.zeros(1, *input_shape)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)

@@ -1,6 +1,8 @@
 """Quantized drop-in modules: weights fake-quantized per output channel, activations per tensor."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,6 +62,33 @@ class QConv2d(nn.Conv2d):
         return self._conv_forward(x, self.quantized_weight(), _quantized_bias(self))
 
 
+class QConv1d(nn.Conv1d):
+    """nn.Conv1d whose (masked) weight passes through a per-channel quantizer ``wq``."""
+
+    wq: Quantizer
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d, wq: Quantizer) -> "QConv1d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype)
+        q.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ("weight", "bias")})
+        if getattr(conv, "weight_mask", None) is not None:
+            q.register_buffer("weight_mask", conv.weight_mask.clone())
+        q.wq = wq
+        return q
+
+    def quantized_weight(self) -> Tensor:
+        return self.wq(_masked_weight(self))
+
+    def quantized_bias(self) -> Tensor | None:
+        return _quantized_bias(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), _quantized_bias(self))
+
+
 class QLinear(nn.Linear):
     """nn.Linear whose (masked) weight passes through a per-channel quantizer ``wq``."""
 
@@ -85,27 +114,96 @@ class QLinear(nn.Linear):
         return F.linear(x, self.quantized_weight(), _quantized_bias(self))
 
 
+def _apply_loaded_range(mod: "ActQuant", _keys) -> None:
+    mod._apply_range()  # a module-level function, not a lambda: the module stays picklable
+
+
 class ActQuant(nn.Module):
     """A per-tensor activation quantization point (becomes a QuantizeLinear/DequantizeLinear pair).
 
     ``container`` is the ONNX integer type ("uint8" or "int8") and ``zero_point`` the zero point
     used in it; the quantizer's own range [qmin, qmax] is relative to that zero point.
+
+    With a ``target``, the grid comes from data: during calibration the observed minimum and maximum
+    are recorded (``lo``/``hi``) and :meth:`set_grid_from_stats` asks the target profile for
+    signedness, range and zero point (:meth:`edgec.targets.TargetProfile.act_grid`). The zero point
+    is then fixed (buffers ``zp`` and ``qrange`` travel in the state dict); QAT trains the step only
+    (LSQ) or follows the range with a fixed zero point (EMA), so simulation and the exported
+    QuantizeLinear/DequantizeLinear compute the same thing.
     """
 
-    def __init__(self, quantizer: Quantizer, *, container: str, zero_point: int):
+    def __init__(self, quantizer: Quantizer, *, container: str, zero_point: int, target=None,
+                 bits: int | None = None):
         super().__init__()
         self.q = quantizer
         self.container = container
-        self.zero_point = zero_point
+        self.target = target
+        self.bits = bits
         self.export_mode = False
+        if target is not None and not target.act_symmetric:
+            quantizer.symmetric = False
+        self.register_buffer("zp", torch.tensor(int(zero_point), dtype=torch.long))
+        self.register_buffer("qrange", torch.tensor([quantizer.qmin, quantizer.qmax], dtype=torch.long))
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.register_load_state_dict_post_hook(_apply_loaded_range)
+
+    @property
+    def zero_point(self) -> int:
+        return int(self.zp)
+
+    def _apply_range(self) -> None:
+        self.q.qmin, self.q.qmax = int(self.qrange[0]), int(self.qrange[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # runs saved before data-driven grids: keep the grid this module was built with
+        for k in ("zp", "qrange", "lo", "hi"):
+            state_dict.setdefault(prefix + k, getattr(self, k).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        self.lo.fill_(float("inf"))
+        self.hi.fill_(float("-inf"))
+
+    @torch.no_grad()
+    def set_grid_from_stats(self) -> None:
+        """Range and zero point from the calibration statistics (no-op without a target or data)."""
+        if self.target is None or not bool(torch.isfinite(self.lo)):
+            return
+        from edgec.quant.quantizers import LSQQuantizer, RangeQuantizer, range_scale
+
+        q = self.q
+        levels = q.qmax - q.qmin + 1
+        bits = self.bits or int(round(math.log2(levels)))
+        lo, hi = float(self.lo), float(self.hi)
+        if isinstance(q, RangeQuantizer) and not q.symmetric:
+            lo, hi = float(q.lo), float(q.hi)  # the method's extremes (min-max, EMA, percentile) set the grid
+        qmin, qmax, zp = self.target.act_grid(bits, lo, hi)
+        old_qmax = q.qmax
+        self.qrange.copy_(torch.tensor([qmin, qmax]))
+        self.zp.fill_(zp)
+        self._apply_range()
+        if isinstance(q, LSQQuantizer):
+            lo_t = torch.tensor([min(float(self.lo), 0.0)])
+            hi_t = torch.tensor([max(float(self.hi), 0.0)])
+            if q.init == "minmax":
+                q.init_step(range_scale(lo_t, hi_t, qmin, qmax))
+            elif qmax != old_qmax and qmax > 0:  # paper rule 2*mean|x|/sqrt(Qp) for the new Qp
+                q.init_step(q.step.detach().abs() * math.sqrt(old_qmax / qmax))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.q.calibrating:
+            with torch.no_grad():
+                self.lo.copy_(torch.minimum(self.lo, x.detach().amin().to(self.lo)))
+                self.hi.copy_(torch.maximum(self.hi, x.detach().amax().to(self.hi)))
         if not self.export_mode:
             return self.q(x)
         scale = float(self.q.scale().reshape(()))
+        zp = self.zero_point
         cmin, cmax = (0, 255) if self.container == "uint8" else (-128, 127)
-        y = torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, cmin, cmax)
-        lo, hi = self.q.qmin + self.zero_point, self.q.qmax + self.zero_point
+        y = torch.fake_quantize_per_tensor_affine(x, scale, zp, cmin, cmax)
+        lo, hi = self.q.qmin + zp, self.q.qmax + zp
         if lo > cmin or hi < cmax:
             # fewer bits than the container: clip to the trained range, then quantize again on the same
             # grid (exact: the clipped values are grid points). The second QuantizeLinear/DequantizeLinear
@@ -114,7 +212,7 @@ class ActQuant(nn.Module):
             # A bare Clip between DequantizeLinear and Conv left every such conv in float (1/22 fused,
             # 0.37x the FP32 speed for a W4A4 ResNet-20).
             y = torch.clamp(y, self.q.qmin * scale, self.q.qmax * scale)
-            y = torch.fake_quantize_per_tensor_affine(y, scale, self.zero_point, cmin, cmax)
+            y = torch.fake_quantize_per_tensor_affine(y, scale, zp, cmin, cmax)
         return y
 
     def extra_repr(self) -> str:
@@ -190,4 +288,4 @@ class QChannelAffine(nn.Module):
         return f"{self.num_features}"
 
 
-QUANT_MODULES = (QConv2d, QLinear)
+QUANT_MODULES = (QConv2d, QConv1d, QLinear)

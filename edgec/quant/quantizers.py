@@ -7,8 +7,15 @@ Two families share one interface (``scale()``, ``qmin``/``qmax``, ``zero_point``
 * :class:`RangeQuantizer` -- scale from observed ranges: ``ema`` (running min/max with momentum,
   updated every training forward), ``minmax`` (running extremes) or ``percentile``.
 
-Both are symmetric (zero point 0 in the signed sense); an unsigned quantizer covers [0, Qp*s].
-Per-channel along axis 0 (weights) or per-tensor (activations).
+The integer range [qmin, qmax] is relative to the zero point: q = clip(round(x/s), qmin, qmax)*s is
+the affine quantizer with zero point z when [qmin, qmax] = [-z, L-1-z] (what QuantizeLinear computes:
+round first, then add z). Weights are symmetric (z = 0, range [-Qp, Qp]); activations get their
+range and zero point from calibration statistics (:class:`edgec.quant.modules.ActQuant` decides them
+through the target profile). Per-channel along axis 0 (weights) or per-tensor (activations).
+
+A per-tensor :class:`RangeQuantizer` records min and max (``lo``/``hi``) besides ``absmax``; with
+``symmetric = False`` its scale covers [lo, hi] on the current integer range:
+s = max(hi/qmax, lo/qmin), which for a range chosen from the same statistics is (hi - lo)/(L - 1).
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ class Quantizer(nn.Module):
         self.channels = channels if per_channel else 1
         self.calibrating = False
         self.enabled = True
+        self.symmetric = True  # activation quantizers on an asymmetric target set this False
 
     @property
     def signed(self) -> bool:
@@ -141,6 +149,11 @@ class LSQQuantizer(Quantizer):
         self.step.copy_((absmax / self.qmax).clamp_min(1e-8).reshape(self.channels))
         self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def init_step(self, step: Tensor) -> None:
+        self.step.copy_(step.detach().reshape(self.channels).clamp_min(1e-8).to(self.step))
+        self.initialized.fill_(True)
+
     def scale(self) -> Tensor:
         return self.step.detach().abs().clamp_min(1e-8)
 
@@ -166,35 +179,61 @@ class RangeQuantizer(Quantizer):
         self.percentile = percentile
         self.register_buffer("absmax", torch.zeros(self.channels))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        if not per_channel:  # activations: signed extremes for asymmetric grids
+            self.register_buffer("lo", torch.zeros(1))
+            self.register_buffer("hi", torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # runs saved before lo/hi existed: derive them from absmax (what the symmetric grid covered)
+        if not self.per_channel and prefix + "absmax" in state_dict and prefix + "lo" not in state_dict:
+            state_dict[prefix + "lo"] = -state_dict[prefix + "absmax"].clone()
+            state_dict[prefix + "hi"] = state_dict[prefix + "absmax"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _update(self, buf: Tensor, cur: Tensor, n: int, pick) -> None:
+        cur = cur.to(buf)
+        if n == 0:
+            buf.copy_(cur)
+        elif self.method == "minmax":
+            buf.copy_(pick(buf, cur))
+        elif self.method == "percentile":
+            buf.mul_(n / (n + 1)).add_(cur / (n + 1))  # running mean of per-batch percentiles
+        else:
+            buf.mul_(1 - self.momentum).add_(self.momentum * cur)
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
+        lo = hi = None
         if self.method == "percentile" and not self.per_channel:
-            flat = x.detach().abs().flatten().float()
+            flat = x.detach().flatten().float()
             if flat.numel() > 1_000_000:
                 flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-            cur = torch.quantile(flat, self.percentile / 100.0).reshape(1)
+            cur = torch.quantile(flat.abs(), self.percentile / 100.0).reshape(1)
+            p = torch.tensor([1 - self.percentile / 100.0, self.percentile / 100.0])
+            lo, hi = torch.quantile(flat, p).reshape(2, 1)
         else:
             cur = self._reduce_absmax(x)
-        cur = cur.to(self.absmax)
+            if not self.per_channel:
+                lo, hi = x.detach().amin().reshape(1), x.detach().amax().reshape(1)
         n = int(self.batches)
-        if n == 0:
-            self.absmax.copy_(cur)
-        elif self.method == "minmax":
-            self.absmax.copy_(torch.maximum(self.absmax, cur))
-        elif self.method == "percentile":
-            self.absmax.mul_(n / (n + 1)).add_(cur / (n + 1))  # running mean of per-batch percentiles
-        else:
-            self.absmax.mul_(1 - self.momentum).add_(self.momentum * cur)
+        self._update(self.absmax, cur, n, torch.maximum)
+        if lo is not None:
+            self._update(self.lo, lo, n, torch.minimum)
+            self._update(self.hi, hi, n, torch.maximum)
         self.batches += 1
 
     @torch.no_grad()
     def reset(self) -> None:
         self.absmax.zero_()
         self.batches.zero_()
+        if not self.per_channel:
+            self.lo.zero_()
+            self.hi.zero_()
 
     def scale(self) -> Tensor:
-        return (self.absmax / self.qmax).clamp_min(1e-8)
+        if self.symmetric or self.per_channel:
+            return (self.absmax / self.qmax).clamp_min(1e-8)
+        return range_scale(self.lo.clamp_max(0), self.hi.clamp_min(0), self.qmin, self.qmax)
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.training and self.per_channel and self.method == "minmax":
@@ -206,6 +245,16 @@ class RangeQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", method={self.method}"
+
+
+def range_scale(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The smallest step whose grid [qmin*s, qmax*s] covers [lo, hi] (lo <= 0 <= hi)."""
+    s = torch.zeros_like(hi)
+    if qmax > 0:
+        s = torch.maximum(s, hi / qmax)
+    if qmin < 0:
+        s = torch.maximum(s, lo / qmin)
+    return s.clamp_min(1e-8)
 
 
 def make_quantizer(kind: str, *, qmin: int, qmax: int, per_channel: bool, channels: int = 1,

@@ -272,3 +272,31 @@ def test_lsq_qat_with_zero_points_exports_what_it_trained(tmp_path, digits):
     res = export_onnx(gm, (1, 8, 8), tmp_path / "lsq.onnx")
     rep = check_export(gm, res.path, x)
     assert rep.top1_agreement >= 0.99 and rep.fused_compute == rep.compute_nodes == 3
+
+
+def test_fp32_export_of_a_forward_with_defaulted_float_argument(tmp_path):
+    """forward(x, scale: float = 1.0): the TorchScript exporter made `scale` a second graph input (bench then
+    failed with 'Required inputs missing'); the FP32 artifact takes the image only and computes the default."""
+    import onnxruntime as ort
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, scale: float = 0.5, embed=False):
+            z = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1) * scale
+            return z if embed else self.fc(z)
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    res = export_onnx(model, (1, 8, 8), tmp_path / "scaled.onnx")
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    x = torch.randn(5, 1, 8, 8)
+    got = sess.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-5)
+    names = {n.name for n in __import__("onnx").load(str(res.path)).graph.node}
+    assert any("conv" in n for n in names)  # nodes still named after the user's modules

@@ -320,6 +320,16 @@ def _requantize_shape_ops(model_proto) -> int:
     return len(pairs)
 
 
+def _extra_forward_params(model: nn.Module) -> bool:
+    """forward takes more than the input tensor (defaulted flags, scales, sizes)."""
+    import inspect
+
+    try:
+        return len(inspect.signature(model.forward).parameters) > 1
+    except (TypeError, ValueError):
+        return False
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, opset: int = 17) -> ExportResult:
     """Export ``model`` (float or quantization-simulating) to ``out``; written atomically."""
     import onnx
@@ -332,6 +342,12 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, op
     m, wq = (_export_copy(model, rank=1 + len(input_shape), input_shape=tuple(input_shape)) if quantized
              else (copy.deepcopy(model).eval().cpu(), {}))
     x = torch.zeros(1, *input_shape)
+    if not quantized and _extra_forward_params(m):
+        # forward(x, scale=1.0, ...): the TorchScript exporter turns a defaulted float/int argument into a
+        # second graph input; export the captured graph instead (defaults concrete, the same module names)
+        from edgec.capture import capture, example_from_shape
+
+        m = capture(m, example_from_shape(tuple(input_shape)))
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)
     try:

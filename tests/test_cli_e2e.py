@@ -12,6 +12,8 @@ import torch
 
 from cli_util import run_cli
 
+pytestmark = pytest.mark.integration  # every test drives the edgec CLI; the module fixture runs compress end to end
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = """\
 version: 1

@@ -140,6 +140,7 @@ def _finish(p: subprocess.Popen, timeout: float = 60) -> None:
     assert p.returncode == 0, out.decode(errors="replace")
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     # A: uninterrupted, in its own process (same thread settings as B's processes)
     a = _run_script("--ckpt", str(tmp_path / "a.pt"), "--out", str(tmp_path / "a_final.pt"),

@@ -18,7 +18,7 @@ from edgec.quant.modules import ActQuant
 from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
 from edgec.targets import get_target
 
-# Published parameter counts (12 classes, input 1x40x101), METHODS.md section 4.
+# Published parameter counts (12 classes, input 1x40x101), docs/methods.md, BC-ResNet.
 KWS_PARAMS = {"1": 9_232, "1.5": 17_154, "2": 27_284, "3": 54_168, "6": 187_812, "8": 321_068}
 ASC_NAMES = ["bcresnet_asc", "bcresnet_asc_rfn", "bcresnet_asc_nonorm"]
 

@@ -1,4 +1,4 @@
-"""PQK (METHODS.md section 1): shared weights, gradient routing, BN per path, exact student export."""
+"""PQK (docs/methods.md, PQK): shared weights, gradient routing, BN per path, exact student export."""
 from __future__ import annotations
 
 import json

@@ -258,27 +258,29 @@ def test_float_onnx_export_parity(tmp_path, name):
 
 
 def trained_to_margin(model: nn.Module, k: int, steps: int) -> tuple[nn.Module, int]:
-    """Trained until most clips have a wide class margin: a float-vs-int8 comparison then measures
-    quantization, not which side of a near-tie one CPU's rounding puts a barely trained model on
-    (after 40 steps BC-ResNet-1 was at ~27-31% with a median top-1 margin of 0.15 logit; 80 steps: ~81%)."""
+    """Trained until the synthetic task is solved with wide class margins: a float-vs-int8 comparison then
+    measures quantization, not which side of a near-tie one CPU's rounding puts a barely trained model on.
+    After 40 steps BC-ResNet-1 was at 27-31% (median top-1 margin 0.15 logit); after 80 steps the ASC
+    model reached 81% on one thread but 61% on two (another summation order); after 120 steps both
+    models reach 98-100% with either (median margins ~5-7 logits)."""
     model = briefly_trained(model, k, steps)
     x, y = synth_logmel(256, k, seed=1)
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
-    assert acc >= 0.6, f"precondition: the float model must have learned the synthetic task (got {acc:.3f})"
+    assert acc >= 0.9, f"precondition: the float model must have learned the synthetic task (got {acc:.3f})"
     return model, k
 
 
 @pytest.fixture(scope="module")
 def trained_kws():
     torch.manual_seed(0)
-    return trained_to_margin(BCResNet(1), 12, steps=80)
+    return trained_to_margin(BCResNet(1), 12, steps=120)
 
 
 @pytest.fixture(scope="module")
 def trained_asc():
     torch.manual_seed(0)  # c=20: the zoo layout at a quarter of the width, to keep the test fast
-    return trained_to_margin(BCResNetASC(20, norm="resnorm"), 10, steps=80)
+    return trained_to_margin(BCResNetASC(20, norm="resnorm"), 10, steps=120)
 
 
 def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -296,29 +298,31 @@ def test_int8_qdq_export_runs_integer_kernels_in_parity(tmp_path, request, which
     x, y = synth_logmel(256, k, seed=1)
     with torch.no_grad():
         z_fp, z_q = model(x), gm(x)
-    # the int8 simulation against its float twin, not against labels: logits close (measured 16-18 dB;
-    # 4-bit weights give 7-10 dB, 6-bit activations 6 dB), the same decision on every clip the float
-    # model is sure of (margin > 1 logit: measured 100%), and mostly the same decision on near-ties too
+    # the int8 simulation against its float twin: logits close (measured 19-24 dB on one and two threads;
+    # 4-bit weights give 7-14 dB, 6-bit activations 8-12 dB, an 8x coarse weight grid 8 dB), the same
+    # decision on every clip the float model is sure of (margin > 1 logit: measured 100%) and on nearly all
+    # others, and so no accuracy lost
     db = sqnr_db(z_fp, z_q)
-    assert db > 13.0, f"int8 simulation vs float logits: {db:.1f} dB"
+    assert db > 15.0, f"int8 simulation vs float logits: {db:.1f} dB"
     top2 = z_fp.topk(2, dim=1).values
     sure = top2[:, 0] - top2[:, 1] > 1.0
     same = z_fp.argmax(1) == z_q.argmax(1)
     assert sure.sum() >= 64 and same[sure].float().mean() >= 0.98
-    assert same.float().mean() >= 0.85  # measured 0.92-0.93; bounds the accuracy change to 15 points
+    assert same.float().mean() >= 0.95  # measured 0.996-1.0
+    assert (z_q.argmax(1) == y).float().mean() >= (z_fp.argmax(1) == y).float().mean() - 0.03
     assert len(set(z_q.argmax(1).tolist())) >= k // 2  # not constant predictions
 
     res = export_onnx(gm, (1, 40, 101), tmp_path / "q.onnx")
     rep = check_export(gm, res.path, x.numpy())
     # ONNX Runtime's integer kernels against the simulation they were exported from, in steps of the
-    # logits' own int8 grid: requantization rounding only (measured max 2.6-6.6 steps, mean <= 0.35 step)
+    # logits' own int8 grid: requantization rounding only (measured max 1-7 steps, mean 0.01-0.35 step)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     while out.op != "call_module":  # through the head's reshapes to the logits' quantizer
         out = out.args[0]
     out_q = gm.get_submodule(out.target)
     assert isinstance(out_q, ActQuant)  # the logits are quantized: they have a grid step
     step = float(out_q.q.scale().reshape(()))
-    assert rep.max_abs_diff <= 12 * step and rep.mean_abs_diff <= 0.5 * step
+    assert rep.max_abs_diff <= 12 * step and rep.mean_abs_diff <= 1.0 * step
     assert rep.top1_agreement >= 0.98  # a flip needs a near-tie within 2x the max difference (measured 0-1 of 256)
     print(f"{which}: int8 sim vs float {db:.1f} dB, agreement {same.float().mean():.3f} "
           f"({same[sure].float().mean():.3f} of {int(sure.sum())} sure); ORT vs sim max {rep.max_abs_diff / step:.2f} "

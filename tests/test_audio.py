@@ -306,7 +306,7 @@ def test_tau2020mobile_fixture_devices_and_cache(tmp_path, monkeypatch):
     assert len(written) == 2 and not list(cache.glob("*.tmp"))
     stamp = [p.stat().st_mtime_ns for p in written]
     # served from the cache: no clip is decoded again (was a wall-clock bound, which a loaded machine breaks)
-    import edgec.audio_data as audio_data
+    import edgec.data.audio as audio_data
 
     def no_decode(*args, **kwargs):
         raise AssertionError("a cached split was decoded again")

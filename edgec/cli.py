@@ -1,6 +1,6 @@
 """The ``edgec`` command line: thin Typer commands, each calling one core function.
 
-Module load imports no torch/onnxruntime (DESIGN.md principle 6); every command imports what it
+Module load imports no torch/onnxruntime (docs/design.md principle 6); every command imports what it
 needs. Every EdgecError is caught here: one clear message, its exit code, no traceback unless
 ``--verbose``.
 """

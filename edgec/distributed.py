@@ -1,11 +1,11 @@
-"""Process-group helpers for the training engine (DESIGN.md principle 3).
+"""Process-group helpers for the training engine (docs/design.md principle 3).
 
 ``torchrun --nproc_per_node=N ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` (and the
 rendezvous variables); :func:`init_distributed` reads them and joins the process group once
 (gloo on CPU, nccl on CUDA). Without them every helper here degrades to a single-process no-op,
 so code written against this module runs unchanged in a plain ``python`` process.
 
-torch is imported lazily inside the functions (DESIGN.md principle 6).
+torch is imported lazily inside the functions (docs/design.md principle 6).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One error hierarchy, caught at the CLI boundary (DESIGN.md principle 7).
+"""One error hierarchy, caught at the CLI boundary (docs/design.md principle 7).
 
 Every error carries a message that says what went wrong *and how to fix it*; the CLI prints it
 without a traceback (unless ``--verbose``) and exits with ``exit_code``.

@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses and teacher calibration (METHODS.md common notation, section 6)."""
+"""Knowledge-distillation losses and teacher calibration (docs/methods.md: notation, teacher calibration)."""
 from __future__ import annotations
 
 import torch

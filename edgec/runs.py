@@ -1,4 +1,4 @@
-"""The run directory: every arrow of the pipeline is a file here (DESIGN.md).
+"""The run directory: every arrow of the pipeline is a file here (docs/design.md).
 
     RUN_DIR/
       run.json            what was asked: model spec, weights hash, data spec, resolved recipe

@@ -1,4 +1,4 @@
-"""Position-based Scaled Gradient (Kim, Yoo, Kwak; NeurIPS 2020), METHODS.md section 3.
+"""Position-based Scaled Gradient (Kim, Yoo, Kwak; NeurIPS 2020), docs/methods.md, PSG.
 
 Gradient descent in a warped weight space: each weight's gradient is multiplied by its distance to
 the target point, so weights drift towards the quantization grid (or towards 0 for the weights the

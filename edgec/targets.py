@@ -1,4 +1,4 @@
-"""Target profiles: the hardware-specific quantization choices (DESIGN.md principle 4).
+"""Target profiles: the hardware-specific quantization choices (docs/design.md principle 4).
 
 A profile decides the integer containers and ranges a compressed model is *trained* for, so the
 exported artifact computes what the PyTorch simulation computed.

@@ -1,5 +1,14 @@
-"""Test tiers: unit + integration by default; `slow` (real-data benchmarks) with --run-slow;
-`gpu` / `trt` / `remote` skipped with the reason when the hardware or library is absent."""
+"""Test tiers (markers registered in pyproject.toml):
+
+* ``integration``: a CLI/pipeline run end to end (``edgec compress`` through ``run_cli`` or a
+  subprocess), several processes (torchrun, kill-and-resume), or real data from EDGEC_DATA. Marked
+  explicitly in the test files; a test that takes the ``edgec_data`` fixture is marked here too.
+* ``unit``: every other test (marked here): fast, no real data.
+* ``slow``: benchmark-sized (over ~60 s on a 2-core machine). Deselected by default through
+  ``-m 'not slow'`` in addopts: ``pytest -m slow`` runs only them, ``pytest -m ""`` or
+  ``pytest --run-slow`` everything.
+
+``gpu`` / ``trt`` / ``remote`` tests are skipped with the reason when the hardware or library is absent."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +21,12 @@ os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (drops the default -m 'not slow')")
+
+
+def pytest_configure(config):
+    if config.getoption("--run-slow") and config.option.markexpr == "not slow":
+        config.option.markexpr = ""
 
 
 def _cuda() -> bool:
@@ -25,9 +39,12 @@ def _cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "edgec_data" in getattr(item, "fixturenames", ()) and "integration" not in item.keywords:
+            item.add_marker(pytest.mark.integration)
+        if "integration" not in item.keywords:
+            item.add_marker(pytest.mark.unit)
     reasons = {}
-    if not config.getoption("--run-slow"):
-        reasons["slow"] = "slow tier: pass --run-slow"
     if not _cuda():
         reasons["gpu"] = "no CUDA GPU on this machine"
     if importlib.util.find_spec("tensorrt") is None:

@@ -253,6 +253,7 @@ def test_recipe_adversarial_block_is_strict():
         assert key in text, text
 
 
+@pytest.mark.integration
 def test_pgd_at_through_cli(tmp_path, capsys):
     from edgec.runs import rebuild_model
     from edgec.models import save_weights

@@ -79,6 +79,8 @@ export: {parity_samples: 200}
 """
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_bcresnet1_speech_commands_cli_to_runner_on_a_real_flac(edgec_data, tmp_path, capsys):
     """~250 training steps in all (train 40 + prune 10 + qat 10, batch 64): the pipeline, not accuracy."""
     root = edgec_data / "speech_commands_v2_test"
@@ -162,6 +164,7 @@ def write_tau_fixture(root: Path) -> None:
         (root / "evaluation_setup" / f"fold1_{split}.csv").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.integration
 def test_bcresnet_asc_recipe_on_a_tau2020_fixture_reports_per_device(tmp_path, capsys):
     import torch
 

@@ -14,10 +14,11 @@ from edgec.export.onnx_export import export_onnx
 from edgec.models import create_model, list_models, model_info
 from edgec.models.bcresnet import BCResBlock, BCResNet, BCResNetASC
 from edgec.models.freqnorm import IFN, RFN, ResNorm, SubSpectralNorm, build_freq_norm
+from edgec.quant.modules import ActQuant
 from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
 from edgec.targets import get_target
 
-# Published parameter counts (12 classes, input 1x40x101), METHODS.md section 4.
+# Published parameter counts (12 classes, input 1x40x101), docs/methods.md, BC-ResNet.
 KWS_PARAMS = {"1": 9_232, "1.5": 17_154, "2": 27_284, "3": 54_168, "6": 187_812, "8": 321_068}
 ASC_NAMES = ["bcresnet_asc", "bcresnet_asc_rfn", "bcresnet_asc_nonorm"]
 
@@ -256,16 +257,34 @@ def test_float_onnx_export_parity(tmp_path, name):
     assert rep.top1_agreement == 1.0 and rep.fused_compute == 0
 
 
+def trained_to_margin(model: nn.Module, k: int, steps: int) -> tuple[nn.Module, int]:
+    """Trained until the synthetic task is solved with wide class margins: a float-vs-int8 comparison then
+    measures quantization, not which side of a near-tie one CPU's rounding puts a barely trained model on.
+    After 40 steps BC-ResNet-1 was at 27-31% (median top-1 margin 0.15 logit); after 80 steps the ASC
+    model reached 81% on one thread but 61% on two (another summation order); after 120 steps both
+    models reach 98-100% with either (median margins ~5-7 logits)."""
+    model = briefly_trained(model, k, steps)
+    x, y = synth_logmel(256, k, seed=1)
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc >= 0.9, f"precondition: the float model must have learned the synthetic task (got {acc:.3f})"
+    return model, k
+
+
 @pytest.fixture(scope="module")
 def trained_kws():
     torch.manual_seed(0)
-    return briefly_trained(BCResNet(1), 12, steps=40), 12
+    return trained_to_margin(BCResNet(1), 12, steps=120)
 
 
 @pytest.fixture(scope="module")
 def trained_asc():
     torch.manual_seed(0)  # c=20: the zoo layout at a quarter of the width, to keep the test fast
-    return briefly_trained(BCResNetASC(20, norm="resnorm"), 10, steps=80), 10
+    return trained_to_margin(BCResNetASC(20, norm="resnorm"), 10, steps=120)
+
+
+def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum()))
 
 
 @pytest.mark.parametrize("which", ["trained_kws", "trained_asc"])
@@ -278,14 +297,36 @@ def test_int8_qdq_export_runs_integer_kernels_in_parity(tmp_path, request, which
     calibrate(gm, [(synth_logmel(128, k, seed=7)[0], None)])
     x, y = synth_logmel(256, k, seed=1)
     with torch.no_grad():
-        pred_fp, pred_q = model(x).argmax(1), gm(x).argmax(1)
-    assert len(set(pred_q.tolist())) >= k // 2  # agreement below is not between constant predictions
-    assert (pred_q == y).float().mean() >= (pred_fp == y).float().mean() - 0.05
+        z_fp, z_q = model(x), gm(x)
+    # the int8 simulation against its float twin: logits close (measured 19-24 dB on one and two threads;
+    # 4-bit weights give 7-14 dB, 6-bit activations 8-12 dB, an 8x coarse weight grid 8 dB), the same
+    # decision on every clip the float model is sure of (margin > 1 logit: measured 100%) and on nearly all
+    # others, and so no accuracy lost
+    db = sqnr_db(z_fp, z_q)
+    assert db > 15.0, f"int8 simulation vs float logits: {db:.1f} dB"
+    top2 = z_fp.topk(2, dim=1).values
+    sure = top2[:, 0] - top2[:, 1] > 1.0
+    same = z_fp.argmax(1) == z_q.argmax(1)
+    assert sure.sum() >= 64 and same[sure].float().mean() >= 0.98
+    assert same.float().mean() >= 0.95  # measured 0.996-1.0
+    assert (z_q.argmax(1) == y).float().mean() >= (z_fp.argmax(1) == y).float().mean() - 0.03
+    assert len(set(z_q.argmax(1).tolist())) >= k // 2  # not constant predictions
 
     res = export_onnx(gm, (1, 40, 101), tmp_path / "q.onnx")
     rep = check_export(gm, res.path, x.numpy())
-    assert rep.top1_agreement >= 0.99
+    # ONNX Runtime's integer kernels against the simulation they were exported from, in steps of the
+    # logits' own int8 grid: requantization rounding only (measured max 1-7 steps, mean 0.01-0.35 step)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    while out.op != "call_module":  # through the head's reshapes to the logits' quantizer
+        out = out.args[0]
+    out_q = gm.get_submodule(out.target)
+    assert isinstance(out_q, ActQuant)  # the logits are quantized: they have a grid step
+    step = float(out_q.q.scale().reshape(()))
+    assert rep.max_abs_diff <= 12 * step and rep.mean_abs_diff <= 1.0 * step
+    assert rep.top1_agreement >= 0.98  # a flip needs a near-tie within 2x the max difference (measured 0-1 of 256)
+    print(f"{which}: int8 sim vs float {db:.1f} dB, agreement {same.float().mean():.3f} "
+          f"({same[sure].float().mean():.3f} of {int(sure.sum())} sure); ORT vs sim max {rep.max_abs_diff / step:.2f} "
+          f"mean {rep.mean_abs_diff / step:.3f} steps, top-1 {rep.top1_agreement:.4f}")
     assert rep.fused_compute == rep.compute_nodes == sum(isinstance(m, nn.Conv2d) for m in gm.modules())
     assert rep.float_compute_left == 0
-    assert rep.max_abs_diff < 1.0 and rep.mean_abs_diff < 0.05
     assert all(w["qmax"] == 63 for w in res.weight_tensors.values())  # x86: 7-bit weights

@@ -262,6 +262,7 @@ export: {{parity_samples: 100}}
 """
 
 
+@pytest.mark.integration
 def test_compress_prunes_to_the_byte_budget_through_the_cli(tmp_path, capsys):
     """digits_cnn width 8 (3,922 conv/linear weights): the exported int8 model lands on the budget."""
     target = 3000

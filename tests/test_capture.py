@@ -418,6 +418,7 @@ def _main(*args) -> int:
     return 0
 
 
+@pytest.mark.integration
 def test_branchy_qat_int8_digits_export_bench(workdir, user_file, weights, plain_qat, digits_x, capsys):
     out = workdir / "branchy_qat"
     res = _compress(capsys, out, f"{user_file}:Branchy", weights, "digits", "qat-int8", "stages.0.epochs=1")
@@ -441,6 +442,7 @@ def test_branchy_qat_int8_digits_export_bench(workdir, user_file, weights, plain
     assert json.loads(js.read_text())["accuracy"] == pytest.approx(comp["accuracy"], abs=1e-9)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("data", ["digits", "digits16"])
 def test_branchy_prune_qat_int8(workdir, user_file, weights, data, capsys):
     spec = "digits" if data == "digits" else f"python:{user_file}:digits16"
@@ -455,6 +457,7 @@ def test_branchy_prune_qat_int8(workdir, user_file, weights, data, capsys):
     assert agree >= 0.9 and comp["sparsity"] > 0.2  # conv2 at 50 % (first and last layers are not pruned)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["qat-int8", "prune-qat-int8"])
 def test_helpers_model_qat_and_prune(workdir, user_file, helpers_weights, digits_x, recipe, capsys):
     """Loops over shapes, chunk/cat, math on sizes, a batch-sized torch.zeros, grouped convs, residual adds."""
@@ -469,6 +472,7 @@ def test_helpers_model_qat_and_prune(workdir, user_file, helpers_weights, digits
     assert agree >= 0.9
 
 
+@pytest.mark.integration
 def test_branchy_qat_int8_second_input_size(workdir, user_file, weights, capsys):
     spec = f"python:{user_file}:digits16"
     out = workdir / "branchy_qat16"
@@ -481,6 +485,7 @@ def test_branchy_qat_int8_second_input_size(workdir, user_file, weights, capsys)
     assert agree >= 0.9
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe,sets", [
     ("ptq-int8", ()),
     ("qkd", ("stages.0.epochs=3", "stages.0.weight_bits=8", "stages.0.act_bits=8")),
@@ -498,6 +503,7 @@ def test_other_quantizing_recipes_on_a_branching_model(workdir, user_file, weigh
     assert par["top1_agreement"] >= 0.99 and par["fused_compute"] == par["compute_nodes"] == 3, par
 
 
+@pytest.mark.integration
 def test_eed_on_a_branching_model(workdir, user_file, weights, capsys):
     recipe = workdir / "eed_tiny.yaml"
     recipe.write_text("""\
@@ -525,6 +531,7 @@ bench: {runs: 3, warmup: 1}
     assert (out / "report.json").is_file()
 
 
+@pytest.mark.integration
 def test_value_branch_through_the_cli(workdir, user_file, capsys):
     res = run_cli(capsys, "compress", "--model", f"{user_file}:ValueBranch", "--data", "digits", "--recipe",
                   "qat-int8", "--out", workdir / "value", "--set", "stages.0.epochs=1", "--device", "cpu")
@@ -533,6 +540,7 @@ def test_value_branch_through_the_cli(workdir, user_file, capsys):
     assert "Traceback" not in res.err
 
 
+@pytest.mark.integration
 def test_resume_after_kill_on_a_branching_model(workdir, user_file, weights, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("""\
@@ -587,6 +595,7 @@ stages:
     assert "adaptive_avg_pool2d" in model.code
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not (Path(os.environ.get("EDGEC_DATA", "/nonexistent")) / "cifar10").is_dir(),
                     reason="CIFAR-10 not found under $EDGEC_DATA/cifar10")
 def test_cifar10_32x32_input(workdir, user_file, capsys):

@@ -12,6 +12,8 @@ import torch
 
 from cli_util import run_cli
 
+pytestmark = pytest.mark.integration  # every test drives the edgec CLI; the module fixture runs compress end to end
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = """\
 version: 1
@@ -292,4 +294,24 @@ def test_real_cifar10_through_the_cli(edgec_data, tmp_path, capsys):
     assert res.code == 0, res.err
     rows = json.loads((tmp_path / "c10" / "report.json").read_text())["rows"]
     assert rows[0]["samples"] == 500 and rows[1]["integer_kernels"].split("/")[0] == rows[1]["integer_kernels"].split("/")[1]
-    assert rows[1]["parity_top1"] >= 0.97  # an untrained net has near-tied logits; trained nets reach >= 0.99
+    # an untrained net's logits are near-tied, so top-1 agreement mostly measures tie-breaking: the parity
+    # that means something is ORT vs the simulation in steps of the logits' int8 grid (measured max 1 step)
+    assert rows[1]["parity_top1"] >= 0.97
+    parity = json.loads((tmp_path / "c10" / "export" / "model_compressed.check.json").read_text())["parity"]
+    step = _onnx_logit_step(tmp_path / "c10" / "export" / "model_compressed.onnx")
+    assert parity["max_abs_diff"] <= 3 * step and parity["mean_abs_diff"] <= 0.1 * step, (parity, step)
+
+
+def _onnx_logit_step(path: Path) -> float:
+    """Scale of the DequantizeLinear the graph's output comes from (through any reshape)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant"})
+    producer = {o: n for n in m.graph.node for o in n.output}
+    node = producer[m.graph.output[0].name]
+    while node.op_type != "DequantizeLinear":
+        node = producer[node.input[0]]
+    return float(consts[node.input[1]])

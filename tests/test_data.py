@@ -516,6 +516,7 @@ def _real_cifar() -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_real_cifar10_subset():
     path = _real_cifar()
     b = load_data(f"cifar10:{path}", max_train=500, max_eval=200, seed=0)

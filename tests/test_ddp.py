@@ -13,7 +13,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "ddp_train.py"
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+pytestmark = [pytest.mark.integration,  # torchrun: two processes training together
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")]
 
 
 def torchrun(out: Path, *args: str, expect_rc: int = 0) -> str:

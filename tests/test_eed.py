@@ -174,6 +174,7 @@ stages:
 """
 
 
+@pytest.mark.integration
 def test_eed_through_cli_and_dynamic_runtime(tmp_path, capsys):
     from edgec import importance as I
     from edgec import masks as P

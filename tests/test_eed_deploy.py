@@ -17,6 +17,8 @@ from cli_util import run_cli, subprocess_env
 from edgec.runtime import ModelNotFoundError, RunnerError
 from edgec.runtime.ensemble import MANIFEST, DynamicEnsemble, early_exit
 
+pytestmark = pytest.mark.integration  # a compress run through the CLI and the exported ensemble it writes
+
 
 EED_RECIPE = """\
 version: 1

@@ -74,7 +74,11 @@ def test_learns_separable_problem(tmp_path, train_set, eval_set):
     model = make_model(seed=0)
     out = fit(model, loss_fn=ce_loss, train_set=train_set, eval_set=eval_set, cfg=cfg(epochs=4, lr=0.1),
               ckpt_path=tmp_path / "c.pt", metrics_path=tmp_path / "m.jsonl")
-    assert out["eval_acc"] > 0.9 and out["train_acc"] > 0.9
+    # measured 0.93 / 0.94 after these 64 steps (chance 0.48): 0.9 left 4 of 128 eval samples to a CPU's
+    # rounding, and train_acc (dropout on, last epoch) moved 0.91-0.94 with the epoch count alone
+    assert out["eval_acc"] > 0.85 and out["train_acc"] > 0.85
+    # it learned: eval loss under half the untrained model's (measured 0.18 vs 0.72)
+    assert out["eval_loss"] < 0.5 * evaluate(make_model(seed=0), eval_set, batch_size=50)["loss"]
     assert out["best_eval_acc"] >= out["eval_acc"]
     again = evaluate(model, eval_set, batch_size=50)
     assert again["samples"] == 128 and again["accuracy"] == pytest.approx(out["eval_acc"])
@@ -140,6 +144,7 @@ def _finish(p: subprocess.Popen, timeout: float = 60) -> None:
     assert p.returncode == 0, out.decode(errors="replace")
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     # A: uninterrupted, in its own process (same thread settings as B's processes)
     a = _run_script("--ckpt", str(tmp_path / "a.pt"), "--out", str(tmp_path / "a_final.pt"),

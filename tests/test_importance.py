@@ -294,6 +294,7 @@ stages:
 """
 
 
+@pytest.mark.integration
 def test_prune_stage_importance_through_cli(tmp_path, capsys, digits):
     from edgec.runs import rebuild_model
     from edgec.models import save_weights

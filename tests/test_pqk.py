@@ -1,4 +1,4 @@
-"""PQK (METHODS.md section 1): shared weights, gradient routing, BN per path, exact student export."""
+"""PQK (docs/methods.md, PQK): shared weights, gradient routing, BN per path, exact student export."""
 from __future__ import annotations
 
 import json
@@ -172,6 +172,7 @@ def test_two_path_loss_is_the_stated_one_with_detached_targets():
     assert g_t is None and g_s is None  # each KL's target side is detached
 
 
+@pytest.mark.integration
 def test_pqk_end_to_end_exports_only_the_student_at_exact_sparsity(tmp_path, capsys):
     from edgec.runs import rebuild_model
     from test_cli_e2e import train_digits

@@ -80,6 +80,7 @@ def test_psg_pulls_weights_to_the_grid_on_digits():
     assert mse_psg < 0.8 * mse_sgd, (mse_sgd, mse_psg)
 
 
+@pytest.mark.integration
 def test_psg_recipe_end_to_end_on_digits(tmp_path, capsys):
     import json
 

@@ -46,6 +46,7 @@ def test_losses_of_each_phase_and_detached_targets():
     assert l_t is None and l_s_tu.item() == pytest.approx(want_s.item(), rel=1e-5)
 
 
+@pytest.mark.integration
 def test_qkd_end_to_end_teacher_changes_only_in_cs(tmp_path, capsys):
     from edgec.models import create_model, load_weights
     from test_cli_e2e import train_digits

@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.integration  # compress/torchrun in subprocesses, killed and resumed
 
 RECIPE = """\
 version: 1
@@ -44,6 +47,7 @@ def _final(out: Path) -> dict:
     return torch.load(out / "model_final.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)

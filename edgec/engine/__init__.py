@@ -1,4 +1,4 @@
-"""The one training engine every compression method shares (DESIGN.md principle 3).
+"""The one training engine every compression method shares (docs/design.md principle 3).
 
 A plain PyTorch loop: device and AMP, DDP under ``torchrun``, gradient clipping, per-step LR
 schedules, atomic checkpoints (every epoch and every N steps), exact resume, a NaN/inf guard, a

@@ -6,7 +6,7 @@
   ``package.module:factory``, optionally with weights loaded strictly.
 * ``load_weights(model, path)`` / ``save_weights(model, path)``.
 
-Importing this package does not import torch (DESIGN.md principle 6); torch is imported by the
+Importing this package does not import torch (docs/design.md principle 6); torch is imported by the
 functions that build or load models.
 """
 from __future__ import annotations

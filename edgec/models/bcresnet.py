@@ -1,6 +1,6 @@
 """BC-ResNet (broadcasted residual learning) for keyword spotting, and BC-ResNet-ASC.
 
-METHODS.md section 4. Input: log-mel features ``(B, 1, F, T)``; for keyword spotting 16 kHz audio
+docs/methods.md, BC-ResNet. Input: log-mel features ``(B, 1, F, T)``; for keyword spotting 16 kHz audio
 padded to 1 s, n_fft 512, win 480, hop 160, 40 mels -> ``(B, 1, 40, 101)``.
 
 ``BCResBlock(cin, cout, stride, dilation)``::
@@ -19,7 +19,7 @@ average pool -> 1x1 conv with bias -> logits. Only that last conv has a bias; ev
 followed by BN/SSN. With 12 classes this gives exactly 9,232 (tau 1), 17,154 (1.5), 27,284 (2),
 54,168 (3), 187,812 (6) and 321,068 (8) parameters.
 
-``BCResNetASC`` (BC-ResNet-Mod, DCASE2021 Task 1A; layout per METHODS.md, block as above without
+``BCResNetASC`` (BC-ResNet-Mod, DCASE2021 Task 1A; layout per docs/methods.md, block as above without
 dilation): 5x5 conv stride 2 -> 2c, BN, ReLU; Transition(2c->c) + BC(c); MaxPool 2;
 Transition(c->1.5c) + BC(1.5c); MaxPool 2; Transition(1.5c->2c) + BC(2c);
 Transition(2c->2.5c) + 2 x BC(2.5c); 1x1 conv (bias) -> classes; global average pool. A frequency
@@ -29,7 +29,7 @@ and layer-norm RFN add none, batch-norm RFN adds 2 per normalized channel).
 Frequency bins must stay divisible by 5 at every block: 40 mels -> 20 -> 10 -> 5, so the number
 of mel bins must be a multiple of 40 (80 works; 256 does not). The zoo default input is
 ``(1, 40, 1001)``: 10-s scenes with the keyword-spotting front end (40 mels, 10 ms hop); any number
-of frames works (the head pools globally). Lambda: ResNorm 0.1 (METHODS), RFN 0.5 [our choice];
+of frames works (the head pools globally). Lambda: ResNorm 0.1 (docs/methods.md), RFN 0.5 [our choice];
 both are ``lam`` arguments of ``BCResNetASC``, as is ``rfn_base`` (``layer`` | ``batch``).
 
 Written for torch.fx (the quantization pass): one non-inplace module per activation, residual

@@ -1,4 +1,4 @@
-"""Frequency-wise normalizations for spectrogram models (METHODS.md section 4).
+"""Frequency-wise normalizations for spectrogram models (docs/methods.md, BC-ResNet).
 
 Inputs are log-mel feature maps laid out ``(N, C, F, T)``: batch, channels, frequency bins, frames.
 

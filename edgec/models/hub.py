@@ -10,7 +10,7 @@ Weights are read with ``torch.load(weights_only=True)``: a file holding a pickle
 ``nn.Module``, numpy arrays, custom classes) is refused unless the caller passes
 ``trust_pickle=True`` (CLI ``--trust-pickle``), because unpickling can run arbitrary code.
 
-torch is imported inside the functions (DESIGN.md principle 6).
+torch is imported inside the functions (docs/design.md principle 6).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ uses ``soundfile`` and resampling uses ``scipy.signal.resample_poly``; both are 
 the functions that need them. A 16-bit PCM ``.wav`` already at the model's rate needs neither
 (the stdlib ``wave`` module reads it when soundfile is absent).
 
-The front end (defaults = BC-ResNet's, METHODS.md section 4)::
+The front end (defaults = BC-ResNet's, docs/methods.md, BC-ResNet)::
 
     16 kHz mono, clip padded/cropped to 1 s
     STFT: n_fft 512, periodic Hann window of 480 samples zero-padded (centred) to 512, hop 160,

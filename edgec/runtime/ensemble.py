@@ -1,4 +1,4 @@
-"""Dynamic ensemble inference (EED, METHODS.md section 5): K member ONNX graphs + an early-exit rule.
+"""Dynamic ensemble inference (EED, docs/methods.md, EED): K member ONNX graphs + an early-exit rule.
 
 Members run in order on each input; after member k the running average of their probabilities is
 the ensemble's answer so far, and the input stops there when a rule fires:

@@ -76,7 +76,7 @@ def _logits(model: nn.Module, dataset, device, batch_size: int = 256):
 
 
 def calibrate_teacher(teacher: nn.Module, train_set, kd: Any, ctx: StageContext):
-    """Fit the teacher's temperature T_c on a held-out share of ``train_set`` (METHODS.md section 6).
+    """Fit the teacher's temperature T_c on a held-out share of ``train_set`` (docs/methods.md, teacher calibration).
 
     Returns the remaining training data (the held-out share is excluded from training) and T_c;
     teacher NLL/ECE/ACE before and after go to the run's metrics.
@@ -106,7 +106,7 @@ def train_stage(model: nn.Module, cfg: Any, ctx: StageContext, *, hooks_extra: d
                 desc: str = "train") -> dict:
     """Train ``model`` with CE, or with KD when ``cfg.kd`` is set; masks are kept fixed.
 
-    Teacher calibration (METHODS.md section 6): with ``kd.calibrate`` a temperature T_c is fit on
+    Teacher calibration (docs/methods.md, teacher calibration): with ``kd.calibrate`` a temperature T_c is fit on
     a held-out share of the training data, which is then excluded from this stage's training;
     the student distils from softmax(z_T / (T_c * tau)).
     """

@@ -30,7 +30,7 @@ class Optim(Strict):
 
 
 class KD(Strict):
-    """Knowledge distillation from a teacher (METHODS.md common notation + section 6)."""
+    """Knowledge distillation from a teacher (docs/methods.md: notation, teacher calibration)."""
 
     teacher: str = Field("input", description="'input' (the model given to compress) or a model SPEC")
     teacher_weights: str | None = None

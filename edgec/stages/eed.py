@@ -1,4 +1,4 @@
-"""``eed``: Efficient Ensemble Defense (Jung & Song, CVPR 2025; METHODS.md section 5).
+"""``eed``: Efficient Ensemble Defense (Jung & Song, CVPR 2025; docs/methods.md, EED).
 
 From ONE input model (preferably adversarially trained, e.g. a ``train`` stage with
 ``adversarial:``), read top to bottom:
@@ -44,7 +44,7 @@ from edgec.stages.base import _subset, train_config
 
 
 class EEDStage(Optim):
-    """Efficient Ensemble Defense (METHODS.md section 5): K sub-models of the input model pruned by K
+    """Efficient Ensemble Defense (docs/methods.md, EED): K sub-models of the input model pruned by K
     importance scores, adversarially fine-tuned together for robustness and diversity; at inference
     they run in order and stop early (threshold calibrated on held-out data)."""
 
@@ -63,7 +63,7 @@ class EEDStage(Optim):
     l1: float = Field(1e-5, ge=0, description="weight of the L1 norm of the kept weights")
     member_subset: float | None = Field(
         None, gt=0, lt=1, description="each sub-model's cross-entropy sees only its own fixed, seeded share of the "
-                                      "training samples (METHODS.md 5, step 3); None: every member sees all")
+                                      "training samples (docs/methods.md, EED step 3); None: every member sees all")
     calibration_fraction: float = Field(0.1, gt=0, lt=1, description="share of train data held out to set the threshold")
     target_accuracy: float | None = Field(None, gt=0, le=1, description="held-out accuracy the dynamic ensemble must "
                                                                         "reach (default: full ensemble - tolerance)")

@@ -1,6 +1,6 @@
 """``pqk``: Pruning, Quantization and Knowledge distillation (Kim, Chang, Kwak; Interspeech 2021).
 
-METHODS.md section 1. One network, one weight tensor per layer, two paths:
+docs/methods.md, PQK. One network, one weight tensor per layer, two paths:
 
     student  z_S = f(x; Q(w * m))   quantized weights and activations, student BatchNorm
     teacher  z_T = f(x; w)          = w*m + w*(1-m): the pruned-away weights added back,
@@ -55,7 +55,7 @@ from edgec.stages.qat import prepare_quantized, quant_spec
 
 
 class PQKStage(Optim, Quant):
-    """Pruning + QAT, then KD from the pruned-away weights in the same network (METHODS.md section 1)."""
+    """Pruning + QAT, then KD from the pruned-away weights in the same network (docs/methods.md, PQK)."""
 
     method: Literal["pqk"]
     target_sparsity: float = Field(..., ge=0, lt=1, description="final global sparsity s_f of the prunable weights")

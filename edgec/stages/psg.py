@@ -1,4 +1,4 @@
-"""``psg``: train with position-based scaled gradients (METHODS.md section 3); see edgec.scaled_gradient."""
+"""``psg``: train with position-based scaled gradients (docs/methods.md, PSG); see edgec.scaled_gradient."""
 from __future__ import annotations
 
 from typing import Literal
@@ -13,7 +13,7 @@ from edgec.stages.base import train_stage
 
 
 class PSGStage(Optim):
-    """Position-based scaled gradient (METHODS.md section 3): train a full-precision model so it
+    """Position-based scaled gradient (docs/methods.md, PSG): train a full-precision model so it
     quantizes (or prunes) post-training. Follow it with a ``ptq`` stage (``weight_range: psg``)."""
 
     method: Literal["psg"]

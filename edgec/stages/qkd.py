@@ -1,6 +1,6 @@
 """``qkd``: Quantization-aware Knowledge Distillation (Kim, Bhalgat, Lee, Patel, Kwak 2019).
 
-METHODS.md section 2. The student is the input model quantized to k bits (LSQ, first/last layer
+docs/methods.md, QKD. The student is the input model quantized to k bits (LSQ, first/last layer
 at 8 bits by default); the teacher is a full-precision model SPEC (default: the input model).
 
     SS  (self-studying):  L_S = CE(y, z_S)                                      teacher unused
@@ -36,7 +36,7 @@ PHASES = ("ss", "cs", "tu")
 
 
 class QKDStage(Optim, Quant):
-    """Quantization-aware KD (METHODS.md section 2): Self-studying -> Co-studying -> Tutoring."""
+    """Quantization-aware KD (docs/methods.md, QKD): Self-studying -> Co-studying -> Tutoring."""
 
     method: Literal["qkd"]
     weight_bits: int = Field(4, ge=2, le=8)

@@ -62,7 +62,7 @@ def data_root() -> Path | None:
 # --------------------------------------------------------------------------------------- helpers
 def train_fp32(model, train_set, *, epochs: int, seed: int, ckpt: Path, augment, batch_size: int = 100,
                lr: float = 0.1, max_train: int | None = None, desc: str = "fp32"):
-    """BC-ResNet's recipe (METHODS.md section 4): SGD momentum 0.9, wd 1e-3, batch 100, linear warm-up
+    """BC-ResNet's recipe (docs/methods.md, BC-ResNet): SGD momentum 0.9, wd 1e-3, batch 100, linear warm-up
     (5 epochs, or a quarter of a shorter run) then cosine to 0 per step. Resumes from ``ckpt``."""
     import torch
 

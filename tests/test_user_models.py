@@ -20,6 +20,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve()
 
+# each architecture is trained on real data and PTQ'd through the pipeline, then by ORT
+pytestmark = pytest.mark.integration
+
 
 # --------------------------------------------------------------------------------------------
 # the architectures (digits: 1x8x8 inputs, 10 classes)

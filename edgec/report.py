@@ -68,6 +68,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "see batch column"
     head = ["name", "format", "bits", "accuracy %", f"p50 ms ({bdesc})", "speed-up vs first",
             "file KB", "deployed weight KB", "sparsity %", "params nonzero"]
+    targets = any(r.get("device") for r in rows)  # where each row was measured (bench --remote / bench.remote)
+    if targets:
+        head.append("measured on")
     lines = [f"# {title}", "", f"Created {created}.", "",
              "| " + " | ".join(head) + " |",
              "|" + "|".join([":---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
@@ -85,6 +88,8 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
             _fmt(r.get("sparsity"), ".1f", 100.0),
             DASH if nz is None else f"{int(nz):,}",
         ]
+        if targets:
+            cells.append(_cell(r.get("device")))
         lines.append("| " + " | ".join(cells) + " |")
     method = next((r["latency_method"] for r in rows if r.get("latency_method")), None)
     lines += [
@@ -94,7 +99,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
          "Speed-up = p50 latency of the first row / p50 latency of this row. ") +
         "Deployed weight KB = non-zero weights and biases at their deployed bit width "
         "(sparse index overhead not included); file KB = size of the artifact on disk. "
-        f"{DASH} = not measured.",
+        f"{DASH} = not measured." + (" Measured on: the machine whose onnxruntime timed the row and computed its "
+                                      "accuracy; an emulated device's latency is not a device speed."
+                                      if targets else ""),
         "",
     ]
     lines += _robustness_table(rows)

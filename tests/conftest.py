@@ -1,5 +1,6 @@
 """Test tiers: unit + integration by default; `slow` (real-data benchmarks) with --run-slow;
-`gpu` / `trt` / `remote` skipped with the reason when the hardware or library is absent."""
+`gpu` / `trt` skipped with the reason when the hardware or library is absent; `remote` tests start
+their own sshd on 127.0.0.1 (tests/sshd_util.py) and skip with the install command without OpenSSH."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +33,6 @@ def pytest_collection_modifyitems(config, items):
         reasons["gpu"] = "no CUDA GPU on this machine"
     if importlib.util.find_spec("tensorrt") is None:
         reasons["trt"] = "TensorRT is not installed (it comes only from NVIDIA's index)"
-    if not os.environ.get("EDGEC_REMOTE"):
-        reasons["remote"] = "set EDGEC_REMOTE=user@host to run remote-device tests"
     for item in items:
         for marker, why in reasons.items():
             if marker in item.keywords:

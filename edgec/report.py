@@ -100,7 +100,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
         "Deployed weight KB = non-zero weights and biases at their deployed bit width "
         "(sparse index overhead not included); file KB = size of the artifact on disk. "
         f"{DASH} = not measured." + (" Measured on: the machine whose onnxruntime timed the row and computed its "
-                                      "accuracy; an emulated device's latency is not a device speed."
+                                      "accuracy; a device's rows (NAME @ DEVICE) are timed there in separate runs, their speed-up is "
+                                      "against the fp32 artifact on the same device; an emulated device's latency "
+                                      "is not a device speed."
                                       if targets else ""),
         "",
     ]

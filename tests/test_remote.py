@@ -291,3 +291,44 @@ def test_ssh_command_is_safe_by_default():
     assert cmd[-2:] == ["u@h", "true"]
     assert "StrictHostKeyChecking=accept-new" in " ".join(
         SSHDevice(Device(host="h"), accept_new_host_key=True).ssh_command("true"))
+
+
+# --------------------------------------------------------------------------- compress on a device
+TINY_RECIPE = """\
+version: 1
+name: tiny-remote
+stages:
+  - method: qat
+    epochs: 1
+    batch_size: 64
+    optimizer: adam
+    lr: 0.0005
+    weight_decay: 0.0
+bench: {runs: 5, warmup: 1}
+export: {parity_samples: 100}
+"""
+
+
+@pytest.mark.remote
+def test_compress_benches_on_the_device(sshd, tmp_path):
+    """`edgec compress --remote NAME`: the report has the local rows and the same artifacts measured on the
+    device, each row labelled with where it was measured."""
+    from test_cli_e2e import train_digits
+
+    weights = train_digits(tmp_path / "digits.pt", epochs=2)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    devs = sshd.devices_yaml(tmp_path / "d.yaml")
+    out = tmp_path / "run"
+    res = _cli("compress", "--model", "digits_cnn", "--weights", weights, "--data", "digits", "--recipe", recipe,
+               "--out", out, "--device", "cpu", "--remote", "loop", "--devices", devs, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert len(rows) == 4 and names[2].endswith("@ loop (x86_64)") and names[3].startswith("tiny-remote @ loop")
+    assert rows[0]["device"].startswith("local (") and rows[3]["device"] == "loop (x86_64)"
+    assert rows[2]["accuracy"] == rows[0]["accuracy"] and rows[3]["accuracy"] == rows[1]["accuracy"]
+    assert rows[3]["device_facts"]["remote"] and rows[3]["latency_p50_ms"] > 0
+    md = (out / "report.md").read_text()
+    assert "measured on" in md and "| loop (x86_64) |" in md
+    assert _work_empty(sshd)

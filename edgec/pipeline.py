@@ -340,7 +340,7 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
 
             rows += run_ensemble_rows(ensemble_dir, recipe, ex, ey, adv=adv, console=console)
         if recipe.bench.remote:  # the same artifacts measured on the target device (edgec.bench.remote)
-            from edgec.bench.remote import device_rows
+            from edgec.bench.on_device import device_rows
 
             rows += device_rows(rows[:2], recipe, ex, ey, groups, console=console)
             if ensemble_dir is not None:

@@ -304,10 +304,11 @@ def _artifact_files(model: Path, kind: str) -> tuple[dict[str, Path], str, list[
 def measure_on_device(model: str | Path, remote: str | Device, *, kind: str = "model", inputs=None, labels=None,
                       adv: dict | None = None, threads: int = 1, batch: int = 1, warmup: int = 10, runs: int = 100,
                       rounds: int = 3, providers: list[str] | None = None, devices_file=None,
-                      accept_new_host_key: bool = False) -> tuple[dict, dict]:
+                      accept_new_host_key: bool = False, outputs: bool = False) -> tuple[dict, dict]:
     """Run :func:`edgec.runtime.device.main` for ``model`` on the device; return ``(measured, device)``:
     what the device measured (as :func:`~edgec.runtime.device.measure_model` /
-    :func:`~edgec.runtime.device.measure_ensemble` return it) and the device's facts and label."""
+    :func:`~edgec.runtime.device.measure_ensemble` return it; ``outputs``: with the model's logits on
+    ``inputs``, ``measured["logits"]``) and the device's facts and label."""
     dev = remote if isinstance(remote, Device) else resolve_device(remote, devices_file)
     if providers:
         dev = dev.model_copy(update={"providers": list(providers)})
@@ -316,7 +317,8 @@ def measure_on_device(model: str | Path, remote: str | Device, *, kind: str = "m
     files, model_arc, graphs = _artifact_files(Path(model), kind)
     check_runtime_supports(facts["onnxruntime"], graphs, dev.label)
     job: dict[str, Any] = {"kind": kind, "model": model_arc, "threads": threads, "batch": batch, "warmup": warmup,
-                           "runs": runs, "rounds": rounds, "providers": dev.providers, "inputs": None, "labels": None}
+                           "runs": runs, "rounds": rounds, "providers": dev.providers, "inputs": None, "labels": None,
+                           "outputs": outputs}
     blobs: dict[str, Path | bytes] = {**_runtime_files(), **files}
     if inputs is not None:
         blobs["x.npy"], job["inputs"] = _npy(np.asarray(inputs, dtype=np.float32)), "x.npy"
@@ -349,36 +351,3 @@ def measure_on_device(model: str | Path, remote: str | Device, *, kind: str = "m
             raise _load_error(reply["error"]["message"], facts["onnxruntime"], opset, ir, dev.label)
         raise DeviceError(f"the runner on {dev.label} refused the job: {reply['error']['message']}")
     return reply["result"], device
-
-
-# ------------------------------------------------------------------------------- compress runs
-_LOCAL_TIMING = ("speedup_vs_fp32", "speedup_spread", "latency_rounds", "latency_round_p50_ms", "latency_method")
-
-
-def device_rows(rows: list[dict], recipe, ex, ey, groups=None, *, console=None) -> list[dict]:
-    """Report rows of the run's artifacts (``rows``: the local ones, fp32 first) measured on the
-    recipe's ``bench.remote`` device: one bench there per artifact (latency, accuracy), speed-up
-    against the fp32 artifact on the same device."""
-    from edgec.bench.latency import bench, print_bench_table
-
-    bc = recipe.bench
-    dev = resolve_device(bc.remote)  # one clear error before any transfer when the name is unknown
-    benches, out = [], []
-    for r in rows:
-        benches.append(bench(r["path"], eval_x=ex, eval_y=ey, threads=bc.threads, batch=bc.batch, warmup=bc.warmup,
-                             runs=bc.runs, eval_groups=groups or None, remote=dev))
-    base = benches[0]["latency_ms"]["p50"]
-    for r, b in zip(rows, benches):
-        row = {k: v for k, v in r.items() if k not in _LOCAL_TIMING}
-        lat = b["latency_ms"]
-        row.update(name=f"{r['name']} @ {b['target']}", device=b["target"], emulated=b["emulated"],
-                   accuracy=b["accuracy"], latency_p50_ms=lat["p50"], latency_p90_ms=lat["p90"],
-                   throughput_per_s=b["throughput_per_s"], samples=b["samples"], runtime=b["runtime"],
-                   peak_rss_mb=b["peak_rss_mb"], speedup_vs_fp32=base / lat["p50"] if lat["p50"] else None,
-                   device_facts=b["device"])
-        if b.get("accuracy_by_group"):
-            row["accuracy_by_group"] = b["accuracy_by_group"]
-        out.append(row)
-    if console is not None:
-        print_bench_table(benches, console)
-    return out

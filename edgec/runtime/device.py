@@ -10,7 +10,7 @@ marker lines (anything else a wrapper prints is ignored)::
 
 ``job.json``: ``{"kind": "model" | "ensemble", "model": "model.onnx", "threads": 1, "batch": 1,
 "warmup": 10, "runs": 100, "providers": [...], "inputs": "x.npy" | null, "labels": "y.npy" | null,
-"rounds": 3, "adv": {"x": ..., "y": ..., "x_clean": ...} | null}`` (paths relative to the job file).
+"rounds": 3, "adv": {"x": ..., "y": ..., "x_clean": ...} | null, "outputs": false}`` (paths relative to the job file).
 """
 from __future__ import annotations
 
@@ -66,9 +66,10 @@ def _accuracy(pred, labels) -> float:
 
 
 def measure_model(model: str, *, threads: int = 1, batch: int = 1, warmup: int = 10, runs: int = 100,
-                  providers=None, inputs=None, labels=None) -> dict:
+                  providers=None, inputs=None, labels=None, outputs: bool = False) -> dict:
     """Latency on random input of the model's shape (as ``python -m edgec.runtime --bench``), the peak
-    RSS after it, then predictions and accuracy on ``inputs``/``labels`` when given."""
+    RSS after it, then predictions and accuracy on ``inputs``/``labels`` when given (``outputs``: and
+    the logits themselves, as nested lists: float32 values survive JSON exactly)."""
     from . import load_session, measure_latency, peak_rss_mb, predict
 
     session = load_session(model, threads=threads, providers=providers)
@@ -81,6 +82,8 @@ def measure_model(model: str, *, threads: int = 1, batch: int = 1, warmup: int =
         out["predictions"] = pred.tolist()
         out["accuracy"] = _accuracy(pred, labels) if labels is not None else None
         out["samples"] = int(len(pred))
+        if outputs:
+            out["logits"] = logits.astype("float32").tolist()
     return out
 
 
@@ -143,7 +146,7 @@ def _run_job(job_path: str) -> dict:
         adv = job.get("adv")
         adv = None if adv is None else {k: arr(v) for k, v in adv.items()}
         return measure_ensemble(model, rounds=job.get("rounds", 3), adv=adv, **common)
-    return measure_model(model, **common)
+    return measure_model(model, outputs=bool(job.get("outputs")), **common)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ NUMPY_SPEC="${EDGEC_ARM_NUMPY:-numpy>=1.26,<2.3}"
 PY="${PYTHON:-python3}"
 PKGS="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libexpat1 zlib1g libffi8 libssl3
 libbz2-1.0 liblzma5 libsqlite3-0 libuuid1 libncursesw6 libtinfo6 libreadline8 libgcc-s1 libstdc++6 libcrypt1
-libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1 libmpdec3"
+libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1"
 
 if ! command -v qemu-aarch64-static >/dev/null; then
   echo "installing qemu-user-static"
@@ -34,6 +34,7 @@ if [ ! -x "$ROOT/sysroot/usr/bin/python3.11" ]; then
   for deb in "$ROOT"/debs/*.deb; do dpkg -x "$deb" "$ROOT/sysroot"; done
 fi
 if [ ! -d "$ROOT/site/onnxruntime" ]; then
+  "$PY" -m pip --version >/dev/null 2>&1 || { echo "error: $PY has no pip; set PYTHON=/path/to/a/python/with/pip" >&2; exit 2; }
   mkdir -p "$ROOT/wheels" "$ROOT/site"
   "$PY" -m pip download -q -d "$ROOT/wheels" --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
     --platform manylinux_2_17_aarch64 --python-version 311 --only-binary=:all: --no-deps \

@@ -96,3 +96,23 @@ def test_profile_on_arm_kernels(arm, weights, tmp_path, target):
     assert res["emulated"] is True and res["target"] == "arm64 (aarch64, emulated)"
     assert res["runtime"] == "onnxruntime " + device["onnxruntime"]
     assert list((server.root / "work").iterdir()) == []
+
+
+def test_old_onnxruntime_on_the_device_refused(arm, tmp_path):
+    """onnxruntime 1.19.2 on the ARM device runs up to opset 21: an opset-22 model is refused before any copy."""
+    from onnx import TensorProto, helper, save
+
+    from edgec.bench import bench
+    from edgec.errors import DeviceSetupError
+
+    server, devices = arm
+    g = helper.make_graph([helper.make_node("Relu", ["X"], ["Y"])], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])])
+    path = tmp_path / "opset22.onnx"
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 22)], ir_version=10), str(path))
+    with pytest.raises(DeviceSetupError, match=r"onnxruntime 1\.19\.2 on arm64 is too old for this model: it needs "
+                                               r"opset 22") as info:
+        bench(path, runs=5, remote="arm64", devices_file=devices)
+    assert info.value.exit_code == 2 and "--opset 21" in info.value.hint
+    assert list((server.root / "work").iterdir()) == []

@@ -87,6 +87,11 @@ _ORT_MAX = {(1, 8): (13, 7), (1, 9): (14, 7), (1, 10): (15, 8), (1, 11): (16, 8)
 
 
 # ---------------------------------------------------------------------------------------- ssh
+def _signal(code: int) -> str:
+    """', killed by signal N' for a shell's 128+N exit status (e.g. 139: a segfault importing onnxruntime)."""
+    return f", killed by signal {code - 128}" if 128 < code < 160 else ""
+
+
 class SSHDevice:
     """Commands on one device through the OpenSSH client, each failure mapped to one DeviceError."""
 
@@ -180,7 +185,8 @@ class SSHDevice:
                     f"no Python at {d.python!r} on {d.label} ({err[-200:] or 'command not found'})",
                     hint="install Python 3 on the device (Debian / Raspberry Pi OS: sudo apt-get install python3 "
                          "python3-pip), or set `python:` in the devices file to its path")
-            raise DeviceSetupError(f"the device's Python {d.python!r} failed to run (exit {proc.returncode}): "
+            raise DeviceSetupError(f"the device's Python {d.python!r} failed to run the probe (exit {proc.returncode}"
+                                   f"{_signal(proc.returncode)}): "
                                    f"{err[-600:]}", hint=f"run it by hand on the device: {d.python} -c 'import onnxruntime'")
         facts = json.loads(line[len("EDGEC-PROBE "):])
         pip = f"{d.python} -m pip install"
@@ -339,8 +345,10 @@ def measure_on_device(model: str | Path, remote: str | Device, *, kind: str = "m
 
     out = proc.stdout.decode(errors="replace")
     if BEGIN not in out or END not in out:
+        ssh.remove(name)  # a crash (a signal) skips the bootstrap's own clean-up
         err = proc.stderr.decode(errors="replace").strip()
-        raise DeviceError(f"the bench on {dev.label} failed (exit {proc.returncode}): {err[-1500:]}",
+        raise DeviceError(f"the bench on {dev.label} failed (exit {proc.returncode}{_signal(proc.returncode)}): "
+                          f"{err[-1500:]}",
                           hint=f"the device's work dir must be writable ({dev.work_dir or 'its temp dir'}); "
                                "run with --verbose for details")
     reply = json.loads(out.split(BEGIN, 1)[1].split(END, 1)[0])

@@ -168,6 +168,13 @@ def test_remote_ensemble(sshd, devices, tmp_path, data):
     assert remote["device"]["remote"] and remote["target"].startswith("loop (")
     assert remote["latency"]["dynamic"]["p50_ms"] > 0
     assert _work_empty(sshd)
+    out = tmp_path / "ens.json"
+    res = _cli("bench", folder / "ensemble.json", "--remote", "loop", "--devices", devices, "--runs", "8",
+               "--rounds", "1", "--warmup", "1", "--budget-ms", "1e-9", "--json", out)
+    assert res.returncode == 5, res.stderr  # the ensemble's budget gate, on the device
+    assert "dynamic-ensemble p50 latency" in res.stderr and "on loop (" in res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "dynamic-ensemble" and doc["device"]["remote"] and "on loop (" in res.stdout
 
 
 # ------------------------------------------------------------------------------------ bad devices

@@ -82,7 +82,7 @@ def main() -> int:
     ex, ey = to_numpy(load_data(f"cifar10:{root}", max_eval=args.eval_samples).eval)
     out = {"model": "resnet20", "data": "cifar10 (JPEG copy)", "eval_samples": int(len(ey)),
            "baseline": {"train_samples": args.train_samples, "epochs": args.epochs},
-           "x86": {"machine": platform.machine(), "cpu": platform.processor(), "onnxruntime": None}, "profiles": {}}
+           "x86": {"machine": platform.machine(), "onnxruntime": None}, "profiles": {}}
     for target in ("x86", "arm64"):
         run = WORK / f"qat-{target}"
         recipe = WORK / f"qat-{target}.yaml"

@@ -1,6 +1,5 @@
 """Test tiers: unit + integration by default; `slow` (real-data benchmarks) with --run-slow;
-`gpu` / `trt` skipped with the reason when the hardware or library is absent; `remote` tests start
-their own sshd on 127.0.0.1 (tests/sshd_util.py) and skip with the install command without OpenSSH."""
+`gpu` / `trt` / `remote` skipped with the reason when the hardware or library is absent."""
 from __future__ import annotations
 
 import importlib.util

@@ -57,9 +57,9 @@ def compress(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     force: Annotated[bool, typer.Option(help="overwrite --out even if it holds another run")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="allow loading pickled whole modules (runs arbitrary code!)")] = False,
-    no_export: Annotated[bool, typer.Option("--no-export", help="stop after training (run `edgec export` later)")] = False,
     remote: Annotated[Optional[str], typer.Option(help="also bench the artifacts on this device over SSH (recipe bench.remote): a devices-file name or ssh://user@host[:port]")] = None,
     devices: Annotated[Optional[Path], typer.Option(help="devices file for --remote / bench.remote (default $EDGEC_DEVICES)")] = None,
+    no_export: Annotated[bool, typer.Option("--no-export", help="stop after training (run `edgec export` later)")] = False,
 ):
     """Compress a trained model with a recipe, then export, bench and report."""
     import os

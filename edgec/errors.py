@@ -92,4 +92,3 @@ class MissingDependency(EdgecError):
     def __init__(self, package: str, extra: str | None = None):
         how = f"pip install 'edgec[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"this feature needs the optional package {package!r}", hint=how)
-

@@ -76,6 +76,7 @@ def devices(sshd, tmp_path):
         changedkey={"known_hosts": str(changed)},
         down={"port": free_port(), "connect_timeout_s": 5},
         gpu={"providers": ["CUDAExecutionProvider"]},
+        slow={"timeout_s": 3},
     )
 
 
@@ -241,6 +242,17 @@ def test_device_onnxruntime_cannot_run_model(sshd, devices, tmp_path):
     custom = _graph_model(tmp_path / "custom.onnx", op="Frobnicate", domain="com.example")
     _fails(DeviceSetupError, "com.example:Frobnicate", custom, devices, "loop")
     assert _work_empty(sshd)  # removed after a failed job too
+
+
+@pytest.mark.remote
+def test_job_limit_stops_on_the_device(sshd, devices, model):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="did not finish within timeout_s = 3 s") as info:
+        bench(model, runs=10**8, remote="slow", devices_file=devices)
+    assert info.value.exit_code == 2 and time.monotonic() - t0 < 60
+    assert _work_empty(sshd)  # stopped there, folder removed
 
 
 @pytest.mark.remote

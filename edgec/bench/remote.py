@@ -57,9 +57,14 @@ print("EDGEC-PROBE " + json.dumps(out))
 
 # unpack the job (tar on stdin) into a fresh folder, run it, always remove the folder
 BOOTSTRAP = r"""
-import os, shutil, sys, tarfile, tempfile
-base, name = sys.argv[1] or tempfile.gettempdir(), sys.argv[2]
+import os, shutil, signal, sys, tarfile, tempfile
+base, name, limit = sys.argv[1] or tempfile.gettempdir(), sys.argv[2], int(sys.argv[3])
 d = os.path.join(base, name)
+def stop(*_):
+    raise SystemExit(124)
+if hasattr(signal, "SIGALRM"):  # the device stops itself at the limit (and still removes the folder)
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(limit)
 os.makedirs(d, mode=0o700)
 code = 1
 try:
@@ -336,14 +341,19 @@ def measure_on_device(model: str | Path, remote: str | Device, *, kind: str = "m
             blobs[f"adv_{k}.npy"], job["adv"][k] = _npy(np.asarray(adv[k])), f"adv_{k}.npy"
     blobs["job.json"] = json.dumps(job).encode()
     name = "edgec-" + secrets.token_hex(8)
-    try:
-        proc = ssh.run(ssh.python(BOOTSTRAP, dev.work_dir or "", name), stdin=_pack(blobs), what="the bench")
+    try:  # the device's own limit first, so it reports and cleans up; ssh's a little later
+        proc = ssh.run(ssh.python(BOOTSTRAP, dev.work_dir or "", name, str(dev.timeout_s)), stdin=_pack(blobs),
+                       timeout=dev.timeout_s + dev.connect_timeout_s + 30, what="the bench")
     except DeviceError:
         ssh.remove(name)
         raise
     from edgec.runtime.device import BEGIN, END
 
     out = proc.stdout.decode(errors="replace")
+    if proc.returncode == 124 and BEGIN not in out:
+        raise DeviceError(f"the bench on {dev.label} did not finish within timeout_s = {dev.timeout_s} s "
+                          "(stopped on the device, its folder removed)",
+                          hint="raise timeout_s in the devices file, or bench with fewer --runs / --eval-samples")
     if BEGIN not in out or END not in out:
         ssh.remove(name)  # a crash (a signal) skips the bootstrap's own clean-up
         err = proc.stderr.decode(errors="replace").strip()

@@ -12,8 +12,8 @@ One bench is two SSH sessions:
 
 Safe by default: ``BatchMode`` (never a password prompt), public-key authentication only,
 ``StrictHostKeyChecking=yes`` against known_hosts (``accept-new`` only with ``--accept-new-host-key``,
-which still refuses a changed key), ``ConnectTimeout`` and a limit on the whole job, every remote
-argument quoted with :func:`shlex.quote`.
+which still refuses a changed key), ``ConnectTimeout`` and a limit on the whole job (``timeout_s``, also
+enforced on the device by the bootstrap's alarm), every remote argument quoted with :func:`shlex.quote`.
 """
 from __future__ import annotations
 

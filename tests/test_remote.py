@@ -57,8 +57,9 @@ def data():
     return rng.standard_normal((64, 8)).astype(np.float32), (np.arange(64) % 4).astype(np.int64)
 
 
-@pytest.fixture
-def devices(sshd, tmp_path):
+@pytest.fixture(scope="module")
+def devices(sshd, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("devices")
     nopkg = tmp_path / "venv-bare"  # a real Python without numpy / onnxruntime
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(nopkg)], check=True, timeout=120)
     other = keygen(tmp_path / "stranger")  # a key the server does not know
@@ -194,6 +195,7 @@ def test_unknown_host_key_refused_with_the_trust_command(sshd, devices, model):
     assert known.read_text() == ""  # nothing trusted behind the user's back
     res = bench(model, runs=5, remote="unknownkey", devices_file=devices, accept_new_host_key=True)
     assert res["device"]["remote"] and sshd.host_pub.split()[1] in known.read_text()
+    known.write_text("")  # unknown again for the other tests (the devices file is shared by the module)
 
 
 @pytest.mark.remote
@@ -273,7 +275,7 @@ def test_old_onnxruntime_refused_before_transfer(tmp_path):
     check_runtime_supports("1.19.2", [m], "pi")  # 1.19 runs opset 21
 
 
-def test_devices_file_strict(tmp_path):
+def test_devices_file_strict(tmp_path, monkeypatch):
     bad = tmp_path / "d.yaml"
     bad.write_text("devices:\n  pi:\n    host: pi.local\n    port: '22'\n    hots: x\n")
     with pytest.raises(InputError) as info:
@@ -289,9 +291,11 @@ def test_devices_file_strict(tmp_path):
     assert dev.label == "pi" and dev.python == "python3"
     with pytest.raises(DeviceError, match="no device 'pj'"):
         resolve_device("pj", good)
+    monkeypatch.delenv("EDGEC_DEVICES", raising=False)
     with pytest.raises(DeviceError, match="no devices file"):
-        resolve_device("pi", None) if not os.environ.get("EDGEC_DEVICES") else (_ for _ in ()).throw(
-            DeviceError("no devices file"))
+        resolve_device("pi", None)
+    monkeypatch.setenv("EDGEC_DEVICES", str(good))
+    assert resolve_device("pi").host == "pi.local"  # the file from the environment variable
     url = resolve_device("ssh://me@10.0.0.5:2222")
     assert (url.user, url.host, url.port, url.label) == ("me", "10.0.0.5", 2222, "ssh://me@10.0.0.5:2222")
     with pytest.raises(InputError, match="no path, no password"):

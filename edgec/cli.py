@@ -57,11 +57,20 @@ def compress(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     force: Annotated[bool, typer.Option(help="overwrite --out even if it holds another run")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="allow loading pickled whole modules (runs arbitrary code!)")] = False,
+    remote: Annotated[Optional[str], typer.Option(help="also bench the artifacts on this device over SSH (recipe bench.remote): a devices-file name or ssh://user@host[:port]")] = None,
+    devices: Annotated[Optional[Path], typer.Option(help="devices file for --remote / bench.remote (default $EDGEC_DEVICES)")] = None,
     no_export: Annotated[bool, typer.Option("--no-export", help="stop after training (run `edgec export` later)")] = False,
     allow_low_fidelity: Annotated[bool, typer.Option("--allow-low-fidelity", help="keep an artifact whose agreement with the FP32 model is below export.min_fidelity (exit 0 instead of 6)")] = False,
 ):
     """Compress a trained model with a recipe, then export, bench and report."""
+    import os
+
     from edgec.pipeline import CompressRequest, compress as run
+
+    if remote is not None:
+        set_ = [*(set_ or ()), f"bench.remote={remote}"]
+    if devices is not None:
+        os.environ["EDGEC_DEVICES"] = str(devices.resolve())  # read where bench.remote is resolved
 
     run(CompressRequest(model=model, data=data, recipe=recipe, weights=weights, overrides=tuple(set_ or ()),
                         out=out, device=device, resume=resume, force=force, trust_pickle=trust_pickle,
@@ -103,12 +112,17 @@ def bench(
     pgd_steps: Annotated[int, typer.Option(help="ensemble: PGD iterations (step eps/4, random start)")] = 10,
     pgd_eps: Annotated[Optional[float], typer.Option(help="ensemble: PGD radius in pixel units (default: the run's adversarial training eps)")] = None,
     run: Annotated[Optional[Path], typer.Option("--run", help="ensemble: the run directory whose PyTorch model the PGD attack is computed on (default: the run the artifact lies in)")] = None,
+    remote: Annotated[Optional[str], typer.Option(help="bench on a device over SSH: a name from the devices file, or ssh://user@host[:port]")] = None,
+    devices: Annotated[Optional[Path], typer.Option(help="devices file (YAML; default $EDGEC_DEVICES)")] = None,
+    accept_new_host_key: Annotated[bool, typer.Option("--accept-new-host-key", help="trust the device's host key on first contact (a changed key is still refused)")] = False,
 ):
     """Latency (p50/p90/p99), throughput, peak memory and accuracy of an ONNX model in ONNX Runtime.
 
     For a dynamic ensemble (eed; RUN_DIR/export/ensemble/ensemble.json): sub-models used per input,
     latency with early exit vs always all K members (interleaved rounds), clean accuracy and PGD
-    accuracy (attack white-box on the run's PyTorch ensemble, evaluated on the ORT artifact)."""
+    accuracy (attack white-box on the run's PyTorch ensemble, evaluated on the ORT artifact).
+
+    With --remote the same measurement runs on that device (its Python and onnxruntime, over SSH)."""
     from edgec.atomic import atomic_write_text
     from edgec.errors import BudgetExceeded
     from edgec.runtime.ensemble import is_ensemble_path
@@ -121,7 +135,8 @@ def bench(
             return bench_ensemble_artifact(model, data=data, run_dir=run, eval_samples=eval_samples,
                                            pgd_samples=pgd_samples, pgd_steps=pgd_steps, pgd_eps=pgd_eps,
                                            threads=threads, batch=batch, rounds=rounds, warmup=warmup, runs=runs,
-                                           budget_ms=budget_ms, console=console)
+                                           budget_ms=budget_ms, console=console, remote=remote,
+                                           devices_file=devices, accept_new_host_key=accept_new_host_key)
 
         def show(res):
             print_ensemble_table(res, console)
@@ -135,7 +150,8 @@ def bench(
 
                 ex, ey = to_numpy(load_data(data, max_eval=eval_samples).eval)  # seeded, class-stratified subset
             return run_bench(model, eval_x=ex, eval_y=ey, threads=threads, batch=batch, warmup=warmup, runs=runs,
-                             providers=provider, budget_ms=budget_ms)
+                             providers=provider, budget_ms=budget_ms, remote=remote, devices_file=devices,
+                             accept_new_host_key=accept_new_host_key)
 
         def show(res):
             print_bench_table([res], console)

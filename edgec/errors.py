@@ -46,6 +46,28 @@ class RunDirError(InputError):
     """The run directory holds another run, or is missing pieces."""
 
 
+class DeviceError(InputError):
+    """A target device could not be used for a measurement (``edgec bench --remote``): unreachable,
+    authentication refused, unknown or changed host key, or the device lacks what the runner needs.
+    The message says which, and the hint what to run or install."""
+
+
+class DeviceUnreachable(DeviceError):
+    """No SSH connection to the device (refused, timed out, unknown host name)."""
+
+
+class DeviceAuthError(DeviceError):
+    """The device refused key authentication (passwords are never tried)."""
+
+
+class HostKeyError(DeviceError):
+    """The device's host key is not in known_hosts, or differs from the one recorded there."""
+
+
+class DeviceSetupError(DeviceError):
+    """The device lacks python / numpy / onnxruntime, or its onnxruntime is too old for the model."""
+
+
 class TrainingError(EdgecError):
     """Training stopped (e.g. NaN/inf loss); the last good checkpoint is kept."""
 

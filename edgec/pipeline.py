@@ -273,7 +273,8 @@ def _row(name: str, which: str, info: dict, b: dict | None, bits: str, sparsity:
            "sparsity": sparsity, "params_nonzero": info["params_nonzero"],
            "parity_top1": info["parity"]["top1_agreement"], "parity_max_abs_diff": info["parity"]["max_abs_diff"],
            "integer_kernels": f"{info['parity']['fused_compute']}/{info['parity']['compute_nodes']}",
-           "batch": b.get("batch"), "threads": b.get("threads"), "samples": b.get("samples"), "path": info["path"]}
+           "batch": b.get("batch"), "threads": b.get("threads"), "samples": b.get("samples"), "path": info["path"],
+           "device": b.get("target")}
     if b.get("accuracy_by_group"):
         row["accuracy_by_group"] = b["accuracy_by_group"]
     return row
@@ -372,6 +373,13 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
             from edgec.bench.ensemble import run_ensemble_rows
 
             rows += run_ensemble_rows(ensemble_dir, recipe, ex, ey, adv=adv, console=console)
+        if recipe.bench.remote:  # the same artifacts measured on the target device (edgec.bench.remote)
+            from edgec.bench.on_device import device_rows
+
+            rows += device_rows(rows[:2], recipe, ex, ey, groups, console=console)
+            if ensemble_dir is not None:
+                rows += run_ensemble_rows(ensemble_dir, recipe, ex, ey, adv=adv, console=console,
+                                          remote=recipe.bench.remote)
     else:
         (console.print if console is not None else _plain_print)(
             "bench.enabled is false in the recipe: artifacts exported and checked, not measured")

@@ -59,6 +59,8 @@ class BenchCfg(_Strict):
                                                     "exported models on a seeded subset of this many eval samples "
                                                     "(0 = off); eps and norm of the recipe's adversarial training")
     pgd_steps: int = Field(10, ge=1, description="PGD iterations of that evaluation (step eps/4, random start)")
+    remote: str | None = Field(None, description="also bench the artifacts on this device over SSH: a name in the "
+                                                 "devices file ($EDGEC_DEVICES) or ssh://user@host[:port]")
 
 
 class Recipe(_Strict):

@@ -69,6 +69,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     fid = any(r.get("fidelity_top1") is not None for r in rows)
     head = ["name", "format", "bits", "accuracy %", *(["fidelity %"] if fid else []), f"p50 ms ({bdesc})", "speed-up vs first",
             "file KB", "deployed weight KB", "sparsity %", "params nonzero"]
+    targets = any(r.get("device") for r in rows)  # where each row was measured (bench --remote / bench.remote)
+    if targets:
+        head.append("measured on")
     lines = [f"# {title}", "", f"Created {created}.", "",
              "| " + " | ".join(head) + " |",
              "|" + "|".join([":---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
@@ -89,6 +92,8 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
             _fmt(r.get("sparsity"), ".1f", 100.0),
             DASH if nz is None else f"{int(nz):,}",
         ]
+        if targets:
+            cells.append(_cell(r.get("device")))
         lines.append("| " + " | ".join(cells) + " |")
     method = next((r["latency_method"] for r in rows if r.get("latency_method")), None)
     lines += [
@@ -104,6 +109,10 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
         "",
     ]
     lines += _robustness_table(rows)
+    if targets:
+        lines += ["Measured on: the machine whose onnxruntime timed the row and computed its accuracy; a device's "
+                  "rows (NAME @ DEVICE) are timed there in separate runs, their speed-up against the fp32 artifact "
+                  "on the same device; an emulated device's latency is not a device speed.", ""]
     lines += _group_sections(rows)
     return "\n".join(lines)
 

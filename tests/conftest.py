@@ -49,8 +49,6 @@ def pytest_collection_modifyitems(config, items):
         reasons["gpu"] = "no CUDA GPU on this machine"
     if importlib.util.find_spec("tensorrt") is None:
         reasons["trt"] = "TensorRT is not installed (it comes only from NVIDIA's index)"
-    if not os.environ.get("EDGEC_REMOTE"):
-        reasons["remote"] = "set EDGEC_REMOTE=user@host to run remote-device tests"
     for item in items:
         for marker, why in reasons.items():
             if marker in item.keywords:

@@ -8,33 +8,31 @@ from typing import Any
 import numpy as np
 
 from edgec.bench.robustness import pgd_description, pgd_subset, robust_inputs, threat_model
-from edgec.errors import BudgetExceeded, InputError
+from edgec.errors import InputError
 
 __all__ = ["bench_ensemble", "bench_ensemble_artifact", "ensemble_rows", "print_ensemble_table", "run_ensemble_rows"]
 
 
 
 
-def _full_preds(dyn, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Predictions of all K members averaged, over ``x`` in chunks."""
-    return np.concatenate([dyn.predict_full(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def bench_ensemble(path: str | Path, *, eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
                    threads: int = 1, batch: int = 1, rounds: int = 3, warmup: int = 10, latency_samples: int = 100,
-                   adv: dict | None = None, budget_ms: float | None = None) -> dict[str, Any]:
+                   adv: dict | None = None, budget_ms: float | None = None, remote=None, devices_file=None,
+                   accept_new_host_key: bool = False) -> dict[str, Any]:
     """The dynamic ensemble in ORT: sub-models used per input, dynamic vs always-all-K latency
     (interleaved rounds, one run), clean accuracy of both, and robust accuracy of both on ``adv``
     (``{"x": adversarial inputs, "y": labels, "x_clean": the same samples clean, "desc": str}``).
 
     Latency is timed on the first ``latency_samples`` eval inputs (real data: how early inputs exit
-    depends on them), or on random normal inputs when no eval data is given.
+    depends on them), or on random normal inputs when no eval data is given. The measurement is
+    :func:`edgec.runtime.device.measure_ensemble`, here or, with ``remote`` (as in
+    :func:`edgec.bench.bench`), on that device over SSH.
     """
-    import onnxruntime as ort
-
     from edgec import runtime
+    from edgec.bench.latency import check_budget, local_device, target_label
     from edgec.export.size import onnx_weight_stats
-    from edgec.runtime.ensemble import DynamicEnsemble, manifest_path
+    from edgec.runtime.device import measure_ensemble
+    from edgec.runtime.ensemble import manifest_path, read_manifest
 
     for name, value, low in (("threads", threads, 0), ("batch", batch, 1), ("rounds", rounds, 1),
                              ("warmup", warmup, 0), ("latency_samples", latency_samples, 1)):
@@ -42,60 +40,51 @@ def bench_ensemble(path: str | Path, *, eval_x: np.ndarray | None = None, eval_y
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if (eval_x is None) != (eval_y is None):
         raise InputError("pass both eval_x and eval_y (inputs and labels), or neither")
+    hint = "pass RUN_DIR/export/ensemble/ensemble.json of an eed run (or its folder); `edgec export RUN_DIR` writes it"
     try:
-        dyn = DynamicEnsemble.load(path, threads=threads)
+        _, meta = read_manifest(path, verify=True)
     except (runtime.RunnerError, FileNotFoundError) as e:
-        raise InputError(str(e), hint="pass RUN_DIR/export/ensemble/ensemble.json of an eed run (or its folder); "
-                                      "`edgec export RUN_DIR` writes it") from e
+        raise InputError(str(e), hint=hint) from e
     mpath = Path(manifest_path(path))
-    inp = dyn.sessions[0].get_inputs()[0]
-    if eval_x is not None:
-        timed = np.asarray(eval_x[:latency_samples], dtype=np.float32)
-        timed_on = f"first {len(timed)} eval inputs"
+    x = None if eval_x is None else np.asarray(eval_x, dtype=np.float32)
+    y = None if eval_y is None else np.asarray(eval_y)
+    adv_arrays = None if adv is None else {k: adv[k] for k in ("x", "y", "x_clean")}
+    opts = dict(threads=threads, batch=batch, warmup=warmup, runs=latency_samples, rounds=rounds)
+    if remote is not None:
+        from edgec.bench.remote import measure_on_device
+
+        m, device = measure_on_device(mpath, remote, kind="ensemble", inputs=x, labels=y, adv=adv_arrays,
+                                      devices_file=devices_file, accept_new_host_key=accept_new_host_key, **opts)
     else:
-        timed = runtime._random_input(inp, latency_samples)
-        timed_on = f"{latency_samples} random normal inputs"
-    lat = dyn.compare_latency(timed, rounds=rounds, batch=batch, warmup=warmup)
-    files = [mpath.parent / m for m in dyn.meta["members"]]
+        try:
+            m = measure_ensemble(str(mpath), inputs=x, labels=y, adv=adv_arrays, **opts)
+        except (runtime.RunnerError, FileNotFoundError) as e:
+            raise InputError(str(e), hint=hint) from e
+        device = local_device()
+    lat = m["latency"]
+    files = [mpath.parent / f for f in meta["members"]]
     stats = [onnx_weight_stats(f) for f in files]
     res: dict[str, Any] = {
-        "model": str(mpath), "kind": "dynamic-ensemble", "runtime": "onnxruntime " + ort.__version__,
-        "provider": dyn.sessions[0].get_providers()[0], "threads": threads, "batch": batch, "k": dyn.k,
-        "threshold": dyn.threshold, "agree": dyn.agree, "latency": lat, "latency_inputs": timed_on,
+        "model": str(mpath), "kind": "dynamic-ensemble", "runtime": "onnxruntime " + device["onnxruntime"],
+        "provider": m["provider"], "threads": threads, "batch": batch, "k": m["k"],
+        "threshold": m["threshold"], "agree": m["agree"], "latency": lat, "latency_inputs": m["latency_inputs"],
         "latency_ratio_dynamic_vs_full": lat["ratio"],
         "file_bytes": sum(f.stat().st_size for f in files),
         "weight_bytes_deployed": sum(s["weight_bytes_deployed"] for s in stats),
         "sparse_index_bytes": sum(s["sparse_index_bytes"] for s in stats),
         "params_nonzero": sum(s["params_nonzero"] for s in stats),
         "params_total": sum(s["params_total"] for s in stats),
-        "budget_ms": budget_ms, "samples": 0,
+        "budget_ms": budget_ms, "samples": m["samples"],
+        "target": target_label(device), "emulated": bool(device.get("emulated")), "device": device,
     }
     res["sparsity"] = 1 - res["params_nonzero"] / res["params_total"] if res["params_total"] else 0.0
-    if eval_x is not None:
-        x, y = np.asarray(eval_x, dtype=np.float32), np.asarray(eval_y)
-        pred, used = dyn.predict_batched(x)
-        full = _full_preds(dyn, x)
-        res.update(samples=len(y), accuracy_dynamic=float((pred == y).mean()), accuracy_full=float((full == y).mean()),
-                   avg_members=float(used.mean()), members_used_histogram=np.bincount(used, minlength=dyn.k + 1)[1:].tolist())
-    if adv is not None:
-        xa, ya = np.asarray(adv["x"], dtype=np.float32), np.asarray(adv["y"])
-        pa, ua = dyn.predict_batched(xa)
-        fa = _full_preds(dyn, xa)
-        xc = np.asarray(adv["x_clean"], dtype=np.float32)
-        pc, _ = dyn.predict_batched(xc)
-        fc = _full_preds(dyn, xc)
-        res["robust"] = {"attack": adv["desc"], "samples": len(ya),
-                         "clean_accuracy_dynamic": float((pc == ya).mean()),
-                         "clean_accuracy_full": float((fc == ya).mean()),
-                         "robust_accuracy_dynamic": float((pa == ya).mean()),
-                         "robust_accuracy_full": float((fa == ya).mean()),
-                         "avg_members_adversarial": float(ua.mean())}
-    p50 = lat["dynamic"]["p50_ms"]
-    if budget_ms is not None and p50 > budget_ms:
-        err = BudgetExceeded(f"dynamic-ensemble p50 latency {p50:.4g} ms exceeds the budget of {budget_ms:g} ms",
-                             hint="raise the threshold's tolerance (fewer members per input), or raise --budget-ms")
-        err.results = res
-        raise err
+    for key in ("accuracy_dynamic", "accuracy_full", "avg_members", "members_used_histogram"):
+        if key in m:
+            res[key] = m[key]
+    if "robust" in m:
+        res["robust"] = {"attack": adv["desc"], **m["robust"]}
+    check_budget(res, lat["dynamic"]["p50_ms"], budget_ms, "dynamic-ensemble",
+                 "raise the threshold's tolerance (fewer members per input), or raise --budget-ms")
     return res
 
 
@@ -107,9 +96,10 @@ def print_ensemble_table(res: dict, console) -> None:
 
     lat = res["latency"]
     rob = res.get("robust") or {}
-    table = Table(title=f"edgec bench: dynamic ensemble, K={res['k']} ({res['runtime']}, "
+    emu = "; EMULATED: latency is not a device speed" if res.get("emulated") else ""
+    table = Table(title=f"edgec bench on {res.get('target', 'local')}: dynamic ensemble, K={res['k']} ({res['runtime']}, "
                         f"{str(res['provider']).replace('ExecutionProvider', '')}, {res['threads']} thread(s), "
-                        f"batch {res['batch']}; latency on {res['latency_inputs']}, {lat['rounds']} interleaved rounds)")
+                        f"batch {res['batch']}; latency on {res['latency_inputs']}, {lat['rounds']} interleaved rounds{emu})")
     for col in ("mode", "sub-models/input", "mean ms", "p50 ms", "clean acc %", "PGD acc %"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     table.add_row("dynamic (early exit)", f"{res.get('avg_members', lat['dynamic']['avg_members']):.2f}",
@@ -151,7 +141,7 @@ def bench_ensemble_artifact(path: str | Path, *, data: str | None, run_dir: Path
                             eval_samples: int | None = None, pgd_samples: int = 200, pgd_steps: int = 10,
                             pgd_eps: float | None = None, threads: int = 1, batch: int = 1, rounds: int = 3,
                             warmup: int = 10, runs: int = 100, budget_ms: float | None = None,
-                            console=None) -> dict:
+                            console=None, remote=None, devices_file=None, accept_new_host_key: bool = False) -> dict:
     """``edgec bench ENSEMBLE.json``: :func:`bench_ensemble` with eval data from ``data`` and PGD robust
     accuracy when the run of the artifact is known (``run_dir``, or the run the artifact lies in:
     ``RUN_DIR/export/ensemble/ensemble.json``). The threat model (eps, norm) defaults to the one the
@@ -201,7 +191,8 @@ def bench_ensemble_artifact(path: str | Path, *, data: str | None, run_dir: Path
         note = ("no PGD accuracy: " + ("pass --data" if ex is None else
                 "the artifact's run directory is unknown (pass --run RUN_DIR)"))
     res = bench_ensemble(mpath, eval_x=ex, eval_y=ey, threads=threads, batch=batch, rounds=rounds, warmup=warmup,
-                         latency_samples=runs, adv=adv, budget_ms=budget_ms)
+                         latency_samples=runs, adv=adv, budget_ms=budget_ms, remote=remote,
+                         devices_file=devices_file, accept_new_host_key=accept_new_host_key)
     if note:
         res["note"] = note
         if console is not None:
@@ -212,14 +203,16 @@ def bench_ensemble_artifact(path: str | Path, *, data: str | None, run_dir: Path
 
 
 def run_ensemble_rows(ensemble_dir: Path, recipe, ex: np.ndarray, ey: np.ndarray, *, adv: dict | None = None,
-                      console=None) -> list[dict]:
-    """The report rows of a compress run's dynamic ensemble (``adv``: adversarial samples for robust accuracy)."""
+                      console=None, remote=None) -> list[dict]:
+    """The report rows of a compress run's dynamic ensemble (``adv``: adversarial samples for robust accuracy;
+    ``remote``: measured on that device)."""
     bc = recipe.bench
     res = bench_ensemble(ensemble_dir, eval_x=ex, eval_y=ey, threads=bc.threads, batch=bc.batch, rounds=3,
-                         warmup=bc.warmup, latency_samples=bc.runs, adv=adv)
+                         warmup=bc.warmup, latency_samples=bc.runs, adv=adv, remote=remote)
     if console is not None:
         print_ensemble_table(res, console)
-    return ensemble_rows(res, name=recipe.name, path=Path(ensemble_dir) / "ensemble.json",
+    name = recipe.name if remote is None else f"{recipe.name} @ {res['target']}"
+    return ensemble_rows(res, name=name, path=Path(ensemble_dir) / "ensemble.json",
                          desc=adv["desc"] if adv else "")
 
 
@@ -230,7 +223,8 @@ def ensemble_rows(res: dict, *, name: str, path: Path, desc: str) -> list[dict]:
               "threads": res["threads"], "samples": res["samples"], "file_bytes": res["file_bytes"],
               "weight_bytes_deployed": res["weight_bytes_deployed"], "sparse_index_bytes": res["sparse_index_bytes"],
               "params_nonzero": res["params_nonzero"], "sparsity": res["sparsity"], "path": str(path),
-              "latency_inputs": res["latency_inputs"], "latency_rounds": lat["rounds"]}
+              "latency_inputs": res["latency_inputs"], "latency_rounds": lat["rounds"],
+              "device": res.get("target"), "emulated": res.get("emulated", False)}
     pgd = {"pgd": desc} if rob else {}
     return [
         {"name": f"{name} dynamic (early exit)", **common, "accuracy": res["accuracy_dynamic"],

@@ -72,9 +72,7 @@ def _run_runner(model: Path, *, threads: int, batch: int, warmup: int, runs: int
         return json.loads(out.read_text())
 
 
-def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]) -> tuple[float, int, np.ndarray]:
-    from edgec import runtime
-
+def _check_eval(eval_x, eval_y) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(eval_x)
     y = np.asarray(eval_y)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -87,6 +85,13 @@ def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]
         )
     if y.shape[0] == 0:
         raise InputError("eval data is empty; pass at least one sample or no eval data")
+    return x, y
+
+
+def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]) -> tuple[float, int, np.ndarray]:
+    from edgec import runtime
+
+    x, y = _check_eval(eval_x, eval_y)
     try:
         session = runtime.load_session(model, threads=threads, providers=providers)
         logits = runtime.predict(session, x)
@@ -94,6 +99,29 @@ def _accuracy(model: Path, eval_x, eval_y, *, threads: int, providers: list[str]
         raise InputError(str(e)) from e
     pred = logits.reshape(logits.shape[0], -1).argmax(axis=1)
     return float(np.mean(pred == y)), int(y.shape[0]), pred
+
+
+def local_device() -> dict:
+    """The facts of this machine, in the shape a remote bench reports its device's."""
+    from edgec.runtime.device import device_facts
+
+    return {"name": "local", "url": None, "remote": False, "emulated": False, **device_facts()}
+
+
+def target_label(device: dict) -> str:
+    """``name (machine[, emulated])``: the label every number measured on ``device`` carries."""
+    return f"{device['name']} ({device.get('machine', '?')}{', emulated' if device.get('emulated') else ''})"
+
+
+def check_budget(results: dict, p50, budget_ms: float | None, what: str, hint: str) -> None:
+    """Raise BudgetExceeded (with ``results`` on it) when ``p50`` is above ``budget_ms``."""
+    if budget_ms is None or p50 is None or p50 <= budget_ms:
+        return
+    emu = " (emulated: not a device speed)" if results.get("emulated") else ""
+    err = BudgetExceeded(f"{what} p50 latency {p50:.4g} ms exceeds the budget of {budget_ms:g} ms "
+                         f"on {results.get('target', 'local')}{emu}", hint=hint)
+    err.results = results
+    raise err
 
 
 def bench(
@@ -109,6 +137,9 @@ def bench(
     budget_ms: float | None = None,
     eval_groups: dict[str, Any] | None = None,
     latency: bool = True,
+    remote: Any = None,
+    devices_file: str | os.PathLike | None = None,
+    accept_new_host_key: bool = False,
 ) -> dict[str, Any]:
     """Latency (isolated subprocess), accuracy (in-process, when eval data given) and size.
 
@@ -117,6 +148,11 @@ def bench(
 
     ``eval_groups`` (per-sample arrays aligned with ``eval_y``, e.g. ``{"device": ...}``) adds
     ``accuracy_by_group`` (:func:`edgec.groups.group_accuracy`).
+
+    ``remote`` (a device name from ``devices_file`` / ``$EDGEC_DEVICES``, ``ssh://user@host[:port]``
+    or a :class:`edgec.devices.Device`) makes the same measurement on that device over SSH
+    (:mod:`edgec.bench.remote`): latency, peak memory and accuracy from the device's own Python and
+    onnxruntime. ``device`` / ``target`` / ``emulated`` in the results say where it was measured.
 
     Raises :class:`BudgetExceeded` (with the full results on ``err.results``) when
     ``budget_ms`` is given and the p50 latency is above it.
@@ -138,23 +174,35 @@ def bench(
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if budget_ms is not None and not budget_ms > 0:
         raise InputError(f"budget_ms must be > 0, got {budget_ms!r}")
-    providers = _check_providers(providers)
-
     stats = onnx_weight_stats(model)
-    lat = (_run_runner(model, threads=threads, batch=batch, warmup=warmup, runs=runs, providers=providers)
-           if latency else dict.fromkeys(("p50", "p90", "p99", "mean", "min", "throughput_per_s")))
-    accuracy, samples, by_group = None, 0, None
-    if eval_x is not None:
-        accuracy, samples, pred = _accuracy(model, eval_x, eval_y, threads=threads, providers=providers)
-        if eval_groups:
-            from edgec.groups import group_accuracy
+    accuracy, samples, by_group, pred = None, 0, None, None
+    if remote is not None:
+        from edgec.bench.remote import measure_on_device
 
-            by_group = group_accuracy(pred, eval_y, eval_groups)
+        if eval_x is not None:
+            eval_x, eval_y = _check_eval(eval_x, eval_y)
+        lat, device = measure_on_device(model, remote, inputs=eval_x, labels=eval_y, threads=threads, batch=batch,
+                                        warmup=warmup, runs=runs, providers=providers, devices_file=devices_file,
+                                        accept_new_host_key=accept_new_host_key)
+        ort_version = device["onnxruntime"]
+        if eval_x is not None:
+            accuracy, samples, pred = lat["accuracy"], lat["samples"], np.asarray(lat["predictions"])
+    else:
+        providers = _check_providers(providers)
+        ort_version, device = ort.__version__, local_device()
+        lat = (_run_runner(model, threads=threads, batch=batch, warmup=warmup, runs=runs, providers=providers)
+               if latency else dict.fromkeys(("p50", "p90", "p99", "mean", "min", "throughput_per_s")))
+        if eval_x is not None:
+            accuracy, samples, pred = _accuracy(model, eval_x, eval_y, threads=threads, providers=providers)
+    if pred is not None and eval_groups:
+        from edgec.groups import group_accuracy
+
+        by_group = group_accuracy(pred, eval_y, eval_groups)
 
     results: dict[str, Any] = {
         "model": str(model),
-        "runtime": "onnxruntime " + ort.__version__,
-        "provider": lat.get("provider", providers[0]),
+        "runtime": "onnxruntime " + ort_version,
+        "provider": lat.get("provider") or (providers or ["CPUExecutionProvider"])[0],
         "threads": threads,
         "batch": batch,
         "warmup": warmup,
@@ -173,16 +221,13 @@ def bench(
         "sparsity": stats["sparsity"],
         "bits": stats["bits"],
         "budget_ms": budget_ms,
+        "target": target_label(device),
+        "emulated": bool(device.get("emulated")),
+        "device": device,
     }
-    p50 = results["latency_ms"]["p50"]
-    if budget_ms is not None and p50 is not None and p50 > budget_ms:
-        err = BudgetExceeded(
-            f"p50 latency {p50:.4g} ms exceeds the budget of {budget_ms:g} ms "
-            f"({model.name}, batch {batch}, {threads} thread(s), {results['provider']})",
-            hint="compress further (fewer bits, more sparsity), use more threads, or raise --budget-ms",
-        )
-        err.results = results
-        raise err
+    check_budget(results, results["latency_ms"]["p50"], budget_ms,
+                 f"{model.name} (batch {batch}, {threads} thread(s), {results['provider']})",
+                 "compress further (fewer bits, more sparsity), use more threads, or raise --budget-ms")
     return results
 
 
@@ -195,9 +240,10 @@ def print_bench_table(results: list[dict], console) -> None:
         return "—" if v is None else format(v, fmt)
 
     first = results[0] if results else {}
-    table = Table(title=f"edgec bench ({first.get('runtime', 'onnxruntime')}, "
+    emu = ", EMULATED: latency is not a device speed" if first.get("emulated") else ""
+    table = Table(title=f"edgec bench on {first.get('target', 'local')} ({first.get('runtime', 'onnxruntime')}, "
                         f"{str(first.get('provider', '?')).replace('ExecutionProvider', '')}, "
-                        f"{first.get('threads', '?')} thread(s), batch {first.get('batch', '?')})")
+                        f"{first.get('threads', '?')} thread(s), batch {first.get('batch', '?')}{emu})")
     table.add_column("model", overflow="fold", min_width=12)
     for col in ("p50 ms", "p99 ms", "items/s", "RSS MB", "acc %", "file KB", "wt KB"):
         table.add_column(col, justify="right")

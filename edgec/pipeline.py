@@ -310,9 +310,11 @@ def _fidelity_gate(run_dir: Path, run: dict, recipe: Recipe, rows: list[dict], p
     rows[0].update(fidelity_top1=1.0)
     atomic_write_text(run_dir / "export" / "fidelity.json", json.dumps(fid.as_dict(), indent=2, default=float))
     if console is not None:
+        from rich.markup import escape  # layer names carry "[quantized]"
+
         console.print(f"fidelity to the FP32 model on {fid.samples} real samples: top-1 agreement "
                       f"{fid.top1_agreement:.2%}, output SQNR {fid.sqnr_db:.1f} dB, KL {fid.kl:.3g}; "
-                      f"worst layers: {fid.describe_worst()}")
+                      f"worst layers: {escape(fid.describe_worst())}")
     ident = run["identity"]
     trained = ident.get("weights_sha256") is not None or str(ident.get("model", "")).startswith(IN_MEMORY)
     if threshold is not None and trained and fid.top1_agreement < threshold:

@@ -272,8 +272,9 @@ def test_fidelity_report_against_the_fp32_model(tmp_path, digits):
     assert rep.sqnr_db > 20 and rep.kl < 0.05 and rep.top1_agreement > 0.9
     names = [r["name"] for r in rep.layers]
     assert "input [quantized]" in names and any(n.startswith("conv") for n in names)
-    # the FP32 ONNX gives the same output-level numbers
+    # the FP32 ONNX gives the same output-level numbers; check_export carries them beside parity
     same = check_fidelity(fp32_path, q_path, x)
+    assert check_export(gm, q_path, x, fp32=fp32_path).fidelity["top1_agreement"] == same.top1_agreement
     assert same.top1_agreement == pytest.approx(rep.top1_agreement, abs=0.01)
     # a broken grid is found: squeeze one quantizer's range and it becomes the worst layer
     from edgec.quant.modules import ActQuant

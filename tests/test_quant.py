@@ -282,3 +282,14 @@ def test_concat_mul_and_gates_are_quantization_points():
     assert {"cat", "gate", "mul", hs[0].name, *prod} <= quantized_after
     # one quantization point per source tensor: the input feeds two convs through one
     assert sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.args and n.args[0].op == "placeholder") == 1
+
+
+def test_state_dict_without_zero_points_is_refused():
+    """A run saved before data-decided grids has no zero points: rebuilding it must not guess them."""
+    from edgec.errors import RunDirError
+
+    gm, _ = quantize_model(_Net().eval(), QuantSpec(act_quantizer="ema"), get_target("x86"))
+    old = {k: v for k, v in gm.state_dict().items() if not k.endswith((".zp", ".qrange", "aq_0.lo", "aq_0.hi"))}
+    fresh, _ = quantize_model(_Net().eval(), QuantSpec(act_quantizer="ema"), get_target("x86"))
+    with pytest.raises(RunDirError, match="zero point"):
+        fresh.load_state_dict(old)

@@ -30,6 +30,7 @@ class ParityReport:
     integer_ops: dict[str, int]
     float_compute_left: int
     checker_error: str | None = None
+    fidelity: dict | None = None  # edgec.export.fidelity.FidelityReport.as_dict() when an FP32 model was given
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +61,13 @@ def fused_ops(path: Path, *, threads: int = 1) -> tuple[int, dict[str, int], int
 
 
 @torch.no_grad()
-def check_export(model: nn.Module, path: Path, x: np.ndarray, *, batch_size: int = 256) -> ParityReport:
+def check_export(model: nn.Module, path: Path, x: np.ndarray, *, batch_size: int = 256,
+                 fp32: nn.Module | Path | None = None) -> ParityReport:
     """Compare PyTorch (eval mode) and ONNX Runtime logits on real samples ``x``.
+
+    Parity compares the artifact with edgec's own simulation ``model``; with ``fp32`` (the user's FP32
+    model or its ONNX export) the report also carries the artifact's fidelity to it
+    (:func:`edgec.export.fidelity.check_fidelity`: top-1 agreement, output SQNR, KL, per-layer SQNR).
 
     A file that fails ``onnx.checker`` is still run (ONNX Runtime may load it): ``checker_ok`` is
     False and ``checker_error`` holds the checker's message.
@@ -83,8 +89,13 @@ def check_export(model: nn.Module, path: Path, x: np.ndarray, *, batch_size: int
     diff = np.abs(ref - got)
     compute, integer, float_left = fused_ops(path)
     fused = sum(v for k, v in integer.items() if k in _FUSED_COMPUTE)
+    fidelity = None
+    if fp32 is not None:
+        from edgec.export.fidelity import check_fidelity
+
+        fidelity = check_fidelity(fp32, path, x, quant_model=model, batch_size=batch_size).as_dict()
     return ParityReport(samples=len(x), max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
                         top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean()),
                         checker_ok=checker_error is None, checker_error=checker_error,
                         compute_nodes=compute, fused_compute=fused, integer_ops=integer,
-                        float_compute_left=float_left)
+                        float_compute_left=float_left, fidelity=fidelity)

@@ -156,9 +156,15 @@ class ActQuant(nn.Module):
         self.q.qmin, self.q.qmax = int(self.qrange[0]), int(self.qrange[1])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # runs saved before data-driven grids: keep the grid this module was built with
-        for k in ("zp", "qrange", "lo", "hi"):
-            state_dict.setdefault(prefix + k, getattr(self, k).clone())
+        if self.target is not None and any(k.startswith(prefix) for k in state_dict) \
+                and prefix + "zp" not in state_dict:
+            # saved before grids came from data: its unsigned/signed choice came from the graph walk and
+            # is not in the file, so rebuilding would silently put another grid under the trained step
+            from edgec.errors import RunDirError
+
+            raise RunDirError(f"activation quantizer {prefix.rstrip('.')!r} was saved without its zero point "
+                              "(a run made by an edgec before activation grids were decided by calibration data)",
+                              hint="re-run `edgec compress` with this edgec")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

@@ -174,6 +174,18 @@ def test_channel_shuffle_exports_one_requant_pair_per_source(tmp_path, digits):
     assert rep.checker_ok and rep.checker_error is None
     assert rep.top1_agreement >= 0.99 and rep.fused_compute == rep.compute_nodes == 5
     assert rep.integer_ops.get("QLinearConcat") == 1
+    # the shuffle's x.shape reads the quantized tensor: no DequantizeLinear only a Shape consumes
+    # (ORT dequantized the whole tensor for its shape; ShuffleNet on CIFAR-10 0.69x -> 0.745x FP32, ORT 0.756x)
+    producers = {n.output[0]: n for n in model.graph.node}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    shapes = [n for n in model.graph.node if n.op_type == "Shape"]
+    assert shapes and all(producers[s.input[0]].op_type != "DequantizeLinear" for s in shapes)
+    outputs = {o.name for o in model.graph.output}
+    assert all(consumers.get(n.output[0]) or n.output[0] in outputs
+               for n in model.graph.node if n.op_type == "DequantizeLinear")
 
 
 class _Frame1D(torch.nn.Module):

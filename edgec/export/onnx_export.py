@@ -320,6 +320,23 @@ def _requantize_shape_ops(model_proto) -> int:
     return len(pairs)
 
 
+def _shapes_from_quantized(proto) -> int:
+    """A ``Shape`` that reads a DequantizeLinear output reads the quantized tensor instead (same shape),
+    and a DequantizeLinear left without consumers is dropped: otherwise ORT dequantizes a whole tensor
+    only to take its shape (channel shuffle's ``x.view(n, g, c // g, h, w)`` did this for every unit).
+    Returns the number of DequantizeLinear nodes removed."""
+    g = proto.graph
+    dq_of = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    for n in g.node:
+        if n.op_type == "Shape" and n.input[0] in dq_of:
+            n.input[0] = dq_of[n.input[0]].input[0]
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    dead = [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]
+    for n in dead:
+        g.node.remove(n)
+    return len(dead)
+
+
 def _extra_forward_params(model: nn.Module) -> bool:
     """forward takes more than the input tensor (defaulted flags, scales, sizes)."""
     import inspect
@@ -360,6 +377,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, op
         if quantized:
             _requantize_shape_ops(proto)
             info = _integerize(proto, wq)
+            _shapes_from_quantized(proto)
         else:
             info = {}
         proto.producer_name = "edgec"

@@ -108,7 +108,7 @@ def nncf_ptq(model, calib_x, out: Path) -> Path | None:
 
     # fold BN first: NNCF exports Conv -> BatchNormalization, which ORT then keeps in float
     model = model.eval()
-    folded = fold_batchnorm(trace(copy.deepcopy(model)))
+    folded = fold_batchnorm(trace(copy.deepcopy(model), torch.from_numpy(calib_x[:2])))
     kept = dict(folded.named_modules())
     for name, mod in list(model.named_modules()):
         if not name:

@@ -231,6 +231,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # the environment, not edgec: a full disk, permissions, a path under a file
+        if verbose:
+            raise
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}\n  hint: check the path, its permissions and "
+              "free space (run with --verbose for the traceback)", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - usage errors and unexpected failures
         usage = _usage_error(exc)
         if usage is not None:

@@ -27,6 +27,7 @@ from edgec import __version__
 from edgec.atomic import atomic_torch_save, atomic_write_text
 from edgec.errors import ExportError, RunDirError
 from edgec.recipe import Recipe, dump_recipe, load_recipe
+from edgec.runlock import describe_holder, lock_run_dir, make_out_dir
 from edgec.runs import IN_MEMORY, build_model, file_sha256, fingerprint, prepare_run_dir, read_run, rebuild_model, \
     run_recipe
 
@@ -187,19 +188,39 @@ def _write_run_files(run_dir: Path, inp: _Inputs, req: CompressRequest) -> dict:
 
 def compress(req: CompressRequest, *, console=None, model=None, data=None, recipe: Recipe | None = None) -> RunResult:
     """Run a compression recipe end to end (steps 1-5); returns the run's :class:`RunResult`."""
-    import torch
+    from edgec.distributed import init_distributed, is_main
 
-    from edgec.distributed import barrier, init_distributed, is_main, shutdown_distributed
-    from edgec.stages.runner import run_stages
-
-    log = console.print if console is not None else _plain_print
     inp = load_inputs(req, model=model, data=data, recipe=recipe)
-    recipe, data = inp.recipe, inp.data
     dist = init_distributed(req.device)
     inp.identity["world_size"] = dist.world_size
     run_dir = Path(req.out)
-    continuing = prepare_run_dir(run_dir, inp.identity, resume=req.resume, force=req.force) if is_main() else False
+    lock = lock_run_dir(run_dir) if is_main() else None  # one writer per run directory, for the whole run
+    try:
+        continuing = prepare_run_dir(run_dir, inp.identity, resume=req.resume, force=req.force) if is_main() else False
+    except RunDirError:
+        if lock is not None:
+            lock.discard()
+        raise
+    try:
+        return _compress_locked(req, inp, dist, run_dir, continuing, lock, console=console, model=model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _compress_locked(req: CompressRequest, inp: _Inputs, dist, run_dir: Path, continuing: bool, lock, *, console,
+                     model) -> RunResult:
+    """Steps 2-5 of :func:`compress`, with ``run_dir`` locked by this process."""
+    import torch
+
+    from edgec.distributed import barrier, is_main, shutdown_distributed
+    from edgec.stages.runner import run_stages
+
+    log = console.print if console is not None else _plain_print
+    recipe, data = inp.recipe, inp.data
     barrier()
+    if lock is not None and lock.taken_over:
+        log(f"[yellow]took over the lock of a run that is gone: {describe_holder(lock.taken_over)}[/]")
     if not req.weights and model is None:
         log("[yellow]no --weights given: compressing a randomly initialised model[/]")
     log(f"data: {data.describe()}")
@@ -372,9 +393,20 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     from edgec.data import load_data, to_numpy
     from edgec.export.artifact import export_model
 
+    from edgec.errors import InputError
+    from edgec.recipe import OPSETS
+
     run_dir = Path(run_dir)
+    lo, hi = OPSETS
+    if opset is not None and not lo <= opset <= hi:  # before 17 s of rebuilding and exporting
+        raise InputError(f"--opset {opset} is not supported; edgec exports ONNX opsets {lo}..{hi}",
+                         hint=f"pass --opset between {lo} and {hi}, or leave it out (the recipe's export.opset)")
     run = read_run(run_dir)
     recipe = run_recipe(run)
+    out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder", hint="pass the path of the .onnx file to write")
+    make_out_dir(out.parent, "--out")  # unwritable / under a file: refused before the export runs
     target = target or recipe.target
     if target != recipe.target:
         raise ExportError(
@@ -393,7 +425,6 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     else:
         data = load_data(run["identity"]["data"], seed=recipe.seed, max_eval=recipe.export.parity_samples)
         px, _ = to_numpy(data.eval)
-    out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
     info = export_model(final, run, out, opset=opset, parity_x=px, console=console)
     if hasattr(final, "members"):  # eed: also the deployable dynamic ensemble (member graphs + ensemble.json)
         from edgec.export.ensemble import export_run_ensemble

@@ -1,0 +1,245 @@
+"""Hostile input (issue 12): every failure is one message with its exit code, no traceback, nothing lost.
+
+Recipe bombs and odd bytes, --force on a folder edgec did not create, a second writer on a live run
+directory, unwritable --out, values that validate but would fail later.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_util import run_cli, subprocess_env
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+def _edgec(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgec", *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=cwd, timeout=timeout)
+
+
+def _clean(res, code: int = 2) -> None:
+    err = getattr(res, "err", None)
+    err = res.stderr if err is None else err
+    assert res.code == code if hasattr(res, "code") else res.returncode == code, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+
+
+def _compress(capsys, out: Path, *extra: str, recipe: str = "ptq-int8"):
+    return run_cli(capsys, "compress", "--model", "digits_cnn", "--data", "digits", "--recipe", recipe,
+                   "--device", "cpu", "--no-export", "--out", out, *extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 1: usage errors need no click (typer >= 0.29 does not install it)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compress", "--data", "digits", "--recipe", "demo"], "Missing option '--model'"),
+    (["bench", "--threads", "abc", "x.onnx"], "--threads"),
+    (["nosuch"], "No such command"),
+])
+def test_usage_errors_exit_2_without_click(tmp_path, args, needle):
+    code = ("import sys; sys.modules['click'] = None\n"  # importing click fails, whatever is installed
+            "from edgec.cli import main; sys.argv = ['edgec'] + sys.argv[1:]; main()")
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env=subprocess_env(), cwd=tmp_path, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# item 2 / 4: recipe loading is bounded
+
+
+def _bomb(levels: int) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\nstages: [*l{levels}]\n"
+
+
+@pytest.mark.parametrize("levels", [6, 9])
+def test_alias_bomb_refused_at_once(tmp_path, capsys, levels):
+    p = tmp_path / "bomb.yaml"
+    p.write_text(_bomb(levels))
+    t0 = time.perf_counter()
+    res = run_cli(capsys, "recipes", "validate", p)
+    assert time.perf_counter() - t0 < 10
+    _clean(res)
+    assert "billion laughs" in res.err and len(res.err) < 1000
+
+
+def test_aliases_within_the_limit_still_work(tmp_path):
+    from edgec.recipe import load_recipe
+
+    p = tmp_path / "anchors.yaml"
+    p.write_text("stages:\n  - &p {method: prune, target_sparsity: 0.5, epochs: 1, lr: 0.001}\n"
+                 "  - {<<: *p, method: prune, target_sparsity: 0.5}\n")
+    assert load_recipe(str(p)).stages[0].target_sparsity == 0.5
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\x80", "not UTF-8"),
+    (b"stages: " + b"[" * 5000 + b"]" * 5000 + b"\n", "levels deep"),
+    (b"seed: 1" + b"0" * 5000 + b"\nstages: [{method: ptq}]\n", "at line 1"),
+    (b"stages: [{method: ptq}]\n" + b"# padding\n" * 200_000, "bytes"),
+    (b"stages: [{method: ptq, observer: '" + b"x" * 100_000 + b"'}]\n", "observer"),
+    (b"stages: [{method: '" + b"q" * 100_000 + b"'}]\n", "unknown method"),
+    (b"\x00\x01\x02", "YAML"),
+    (b"!!python/object/apply:os.system ['echo owned']\n", "YAML"),
+])
+def test_bad_recipe_bytes_exit_2_with_a_short_message(tmp_path, capsys, content, needle):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(content)
+    res = run_cli(capsys, "recipes", "validate", p)
+    _clean(res)
+    assert needle in res.err and len(res.err) < 2000, res.err[:3000]
+
+
+def test_recipe_path_that_is_a_directory(tmp_path, capsys):
+    res = run_cli(capsys, "recipes", "validate", tmp_path)
+    _clean(res)
+    assert "is a directory" in res.err
+
+
+# ---------------------------------------------------------------------------------------------
+# item 7: what validates runs; what would fail fails before anything is written
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("stages.0.lr=.inf", "stages.0.lr"),
+    ("stages.0.lr=.nan", "stages.0.lr"),
+    ("seed=-1", "seed"),
+    (f"seed={2**64}", "seed"),
+    ("stages.0.warmup_epochs=9", "warmup_epochs"),
+])
+def test_recipe_values_that_would_fail_later_are_refused_up_front(tmp_path, capsys, override, needle):
+    res = run_cli(capsys, "recipes", "validate", "demo", "--set", override)
+    _clean(res)
+    assert needle in res.err
+    out = tmp_path / "run"
+    res = _compress(capsys, out, "--set", override, recipe="demo")
+    _clean(res)
+    assert needle in res.err and not out.exists(), "nothing may be written before validation passes"
+
+
+# ---------------------------------------------------------------------------------------------
+# item 3 / 6: --force replaces only edgec run directories; one writer per run directory
+
+
+def test_force_refuses_a_foreign_directory(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "thesis.txt").write_text("x")
+    (d / "run.json").write_text('{"not": "edgec"}')  # a file of that name is not enough
+    res = _compress(capsys, d, "--force")
+    _clean(res)
+    assert "not an edgec run directory" in res.err and "nothing was deleted" in res.err
+    assert "--force" not in res.err.split("hint:")[-1], "the hint must not suggest --force"
+    assert (d / "thesis.txt").read_text() == "x"
+
+
+@pytest.fixture
+def small_run(tmp_path, capsys) -> Path:
+    out = tmp_path / "run"
+    res = _compress(capsys, out)
+    assert res.code == 0, res.err
+    return out
+
+
+def test_force_replaces_an_edgec_run_directory(small_run, capsys):
+    res = _compress(capsys, small_run, "--force")
+    assert res.code == 0, res.err
+    assert (small_run / "model_final.pt").is_file()
+
+
+def test_second_writer_refused_with_the_holder_named(tmp_path, capsys):
+    out = tmp_path / "live"
+    code = ("import sys, time; from edgec.runlock import lock_run_dir\n"
+            "lock = lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ((), ("--force",), ("--resume",)):
+            res = _compress(capsys, out, *extra)
+            _clean(res)
+            assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in res.err, res.err
+        assert [p.name for p in out.iterdir()] == [".edgec.lock"], "the refused writers wrote nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    res = _compress(capsys, out)  # the kernel released the dead holder's lock
+    assert res.code == 0, res.err
+    assert "took over the lock of a run that is gone" in res.out and f"pid {holder.pid}" in res.out
+
+
+def test_lock_is_released_and_held_per_run(tmp_path):
+    from edgec.errors import RunDirError
+    from edgec.runlock import LOCK_FILE, lock_run_dir
+
+    with lock_run_dir(tmp_path / "r") as lock:
+        holder = json.loads((tmp_path / "r" / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
+            lock_run_dir(tmp_path / "r")
+    assert lock.taken_over is None
+    with lock_run_dir(tmp_path / "r") as again:  # released: taken again, no takeover reported
+        assert again.taken_over is None
+
+
+def test_stale_lock_without_os_locks_decided_by_pid(tmp_path, monkeypatch):
+    import edgec.runlock as rl
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "r").mkdir()
+    record = {"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}
+    (tmp_path / "r" / rl.LOCK_FILE).write_text(json.dumps(record))
+    monkeypatch.setattr(rl, "fcntl", None)  # a filesystem/OS without flock
+    with rl.lock_run_dir(tmp_path / "r") as lock:
+        assert lock.taken_over["pid"] == dead.pid
+    (tmp_path / "r" / rl.LOCK_FILE).write_text(json.dumps({**record, "pid": os.getppid()}))  # alive
+    with pytest.raises(rl.RunDirError, match=f"in use by pid {os.getppid()}"):
+        rl.lock_run_dir(tmp_path / "r")
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4: unwritable / odd output paths
+
+
+def test_out_under_a_file_or_unwritable(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for out, needle in ((tmp_path / "f" / "sub", "a part of its path is a file"), (Path("/proc/edgec-x"), "--out")):
+        res = _compress(capsys, out)
+        _clean(res)
+        assert needle in res.err
+
+
+def test_export_out_and_opset_checked_before_exporting(small_run, capsys):
+    t0 = time.perf_counter()
+    res = run_cli(capsys, "export", small_run, "--opset", "99")
+    _clean(res)
+    assert "--opset 99" in res.err and "13..21" in res.err
+    res = run_cli(capsys, "export", small_run, "--out", "/proc/x.onnx")
+    _clean(res)
+    assert "/proc" in res.err
+    assert time.perf_counter() - t0 < 10, "refused before rebuilding and exporting the model"
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path):
+    from edgec.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644

@@ -243,3 +243,98 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------------------------
+# item 5: the divergence guard checks parameters and buffers before a checkpoint is written
+
+
+def _fit_digits(ckpt: Path, *, lr: float, steps: int, epochs: int = 3, hooks=None):
+    import torch
+
+    from edgec.data import load_data
+    from edgec.distributed import DistContext
+    from edgec.engine import TrainConfig, fit
+    from edgec.models import create_model
+
+    torch.manual_seed(0)
+    data = load_data("digits")
+    model = create_model("digits_cnn")
+    fit(model, loss_fn=lambda m, x, y: (torch.nn.functional.cross_entropy(z := m(x), y), z), train_set=data.train,
+        eval_set=None, ckpt_path=ckpt, dist=DistContext.single("cpu"), hooks=hooks,
+        cfg=TrainConfig(epochs=epochs, batch_size=32, lr=lr, optimizer="sgd", weight_decay=0.0,
+                        max_steps_per_epoch=steps))
+    return model, data
+
+
+def _assert_checkpoint_finite(ckpt: Path) -> None:
+    import torch
+
+    from edgec.data import to_numpy
+    from edgec.data import load_data
+    from edgec.models import create_model
+
+    state = torch.load(ckpt, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    model = create_model("digits_cnn")
+    model.load_state_dict(state["model"])
+    x, _ = to_numpy(load_data("digits").eval)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.as_tensor(x[:64]))).all()
+
+
+def test_divergence_in_a_buffer_keeps_the_last_finite_checkpoint(tmp_path):
+    from edgec.engine import Hooks
+    from edgec.errors import TrainingError
+
+    ckpt = tmp_path / "c.pt"
+    box = {}
+    steps = {"n": 0}
+
+    def poison():  # after step 5 (epoch 3 of 2-step epochs) a BatchNorm running variance becomes inf
+        steps["n"] += 1
+        if steps["n"] == 5:
+            box["model"].bn2.running_var.fill_(float("inf"))
+
+    import edgec.engine.loop as loop
+
+    real_setup = loop._setup
+
+    def setup(model, **kw):
+        box["model"] = model
+        return real_setup(model, **kw)
+
+    pytest.MonkeyPatch().setattr(loop, "_setup", setup)
+    try:
+        with pytest.raises(TrainingError) as info:
+            _fit_digits(ckpt, lr=0.01, steps=2, hooks=Hooks(after_step=poison))
+    finally:
+        loop._setup = real_setup
+    assert "bn2.running_var became non-finite" in str(info.value)
+    assert "end of epoch 2/3" in str(info.value) and str(ckpt) in str(info.value)
+    _assert_checkpoint_finite(ckpt)
+
+
+def test_divergence_with_a_huge_lr_never_checkpoints_inf(tmp_path):
+    from edgec.errors import TrainingError
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(TrainingError, match="became non-finite at step"):
+        _fit_digits(ckpt, lr=1e6, steps=1, epochs=4)
+    _assert_checkpoint_finite(ckpt)  # (main: the run "finished" with inf running variances in the checkpoint)
+
+
+def test_state_non_finite_from_the_start_is_not_divergence(tmp_path):
+    import torch
+
+    from edgec.data import load_data
+    from edgec.distributed import DistContext
+    from edgec.engine import TrainConfig, fit
+    from edgec.models import create_model
+
+    model = create_model("digits_cnn")
+    model.register_buffer("threshold", torch.tensor(float("inf")))  # eed's uncalibrated early-exit threshold
+    fit(model, loss_fn=lambda m, x, y: (torch.nn.functional.cross_entropy(z := m(x), y), z),
+        train_set=load_data("digits").train, eval_set=None, ckpt_path=tmp_path / "c.pt",
+        dist=DistContext.single("cpu"), cfg=TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2))
+    assert (tmp_path / "c.pt").is_file()

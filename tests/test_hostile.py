@@ -338,3 +338,63 @@ def test_state_non_finite_from_the_start_is_not_divergence(tmp_path):
         train_set=load_data("digits").train, eval_set=None, ckpt_path=tmp_path / "c.pt",
         dist=DistContext.single("cpu"), cfg=TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2))
     assert (tmp_path / "c.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4: the device runner and `edgec bench` on hostile inputs and inconsistent models
+
+
+def _onnx_conv(path: Path, in_channels: int, weight_channels: int) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, weight_channels, 3, 3), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "W"], ["C"], pads=[1, 1, 1, 1]),
+         helper.make_node("ReduceMean", ["C"], ["Y"], axes=[2, 3], keepdims=0)],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", in_channels, 8, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _runtime(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgec.runtime", *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+
+
+@pytest.mark.parametrize("array", [
+    "np.array(['a', 'b'])", "np.zeros(2, dtype=[('a', 'f4'), ('b', 'i4')])", "np.zeros((1, 1, 8, 8), complex)",
+    "np.array(['2020-01-01'], dtype='datetime64[D]')",
+])
+def test_runtime_refuses_non_numeric_npy(tmp_path, array):
+    import numpy as np
+
+    model = _onnx_conv(tmp_path / "m.onnx", 1, 1)
+    np.save(tmp_path / "x.npy", eval(array, {"np": np}))
+    res = _runtime(model, "--input", tmp_path / "x.npy")
+    _clean(res)
+    assert "dtype" in res.stderr and "numeric" in res.stderr
+
+
+def test_inconsistent_model_is_one_message_in_runtime_and_bench(tmp_path, capsys):
+    import numpy as np
+
+    model = _onnx_conv(tmp_path / "bad.onnx", 3, 1)  # declares 3 input channels, its weights take 1
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 8, 8), np.float32))
+    for args in (("--input", tmp_path / "x.npy"), ("--bench", "--runs", "2", "--warmup", "0")):
+        res = _runtime(model, *args)
+        _clean(res)
+        assert "onnxruntime" in res.stderr
+    res = run_cli(capsys, "bench", model, "--runs", "2", "--warmup", "0")
+    _clean(res)
+    assert "onnxruntime" in res.err and len(res.err) < 2000
+
+
+def test_runtime_json_out_unwritable(tmp_path):
+    model = _onnx_conv(tmp_path / "m.onnx", 1, 1)
+    res = _runtime(model, "--bench", "--runs", "2", "--warmup", "0", "--json-out", "/proc/x/b.json")
+    _clean(res)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import ModelNotFoundError, RunnerError, load_session, softmax
+from . import ModelNotFoundError, RunnerError, load_session, run_session, softmax
 
 MANIFEST = "ensemble.json"
 FORMAT = "edgec-dynamic-ensemble"
@@ -252,7 +252,7 @@ class DynamicEnsemble:
         return len(self.sessions)
 
     def _member(self, k: int, x: np.ndarray) -> np.ndarray:
-        return softmax(self.sessions[k].run(None, {self._inputs[k]: x.astype(np.float32, copy=False)})[0])
+        return softmax(run_session(self.sessions[k], {self._inputs[k]: x.astype(np.float32, copy=False)})[0])
 
     def member_probs(self, x: np.ndarray) -> np.ndarray:
         """All members on all of ``x``: (K, N, C)."""

@@ -398,3 +398,79 @@ def test_runtime_json_out_unwritable(tmp_path):
     model = _onnx_conv(tmp_path / "m.onnx", 1, 1)
     res = _runtime(model, "--bench", "--runs", "2", "--warmup", "0", "--json-out", "/proc/x/b.json")
     _clean(res)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 8: ensemble manifests: every member hashed, every member inside the folder
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory) -> Path:
+    import torch
+
+    from edgec import masks as P
+    from edgec.export.ensemble import export_dynamic
+    from edgec.models import create_model
+    from edgec.stages.eed import Ensemble
+
+    torch.manual_seed(0)
+    members = [create_model("digits_cnn") for _ in range(2)]
+    for m in members:
+        P.ensure_masks(P.prunable_layers(m))
+    return Path(export_dynamic(Ensemble(members).eval(), (1, 8, 8), tmp_path_factory.mktemp("ens") / "ens"))
+
+
+def _edit_manifest(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    from edgec.runtime.ensemble import MANIFEST
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    edit(m, dst)
+    (dst / MANIFEST).write_text(json.dumps(m))
+    return dst
+
+
+def _outside(m, d):
+    import shutil
+
+    shutil.copy(d / m["members"][1], d.parent / "x.onnx")
+    m["sha256"]["../x.onnx"] = m["sha256"][m["members"][1]]
+    m["members"][1] = "../x.onnx"
+
+
+def _symlink_out(m, d):
+    import shutil
+
+    shutil.copy(d / m["members"][1], d.parent / "y.onnx")
+    (d / m["members"][1]).unlink()
+    (d / m["members"][1]).symlink_to(d.parent / "y.onnx")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m, d: m.pop("sha256"), "needs its sha256"),
+    (lambda m, d: m.update(sha256=None), "needs its sha256"),
+    (lambda m, d: m["sha256"].update({m["members"][0]: None}), "needs its sha256"),
+    (lambda m, d: m["sha256"].update({m["members"][0]: "abc"}), "needs its sha256"),
+    (_outside, "outside the ensemble's folder"),
+    (lambda m, d: m["members"].__setitem__(0, str((d / m["members"][0]).resolve())), "outside the ensemble's folder"),
+    (_symlink_out, "outside the ensemble's folder"),
+])
+def test_ensemble_manifest_members_hashed_and_contained(ensemble_dir, tmp_path, capsys, edit, needle):
+    from edgec.runtime import RunnerError
+    from edgec.runtime.ensemble import DynamicEnsemble
+
+    folder = _edit_manifest(ensemble_dir, tmp_path / "ens", edit)
+    for verify in (True, False):
+        with pytest.raises(RunnerError, match=needle):
+            DynamicEnsemble.load(folder, verify=verify)
+    res = run_cli(capsys, "bench", folder)
+    _clean(res)
+    assert needle in res.err
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    res = _runtime(folder, "--input", tmp_path / "x.npy")
+    _clean(res)
+    assert needle in res.stderr

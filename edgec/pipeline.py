@@ -367,7 +367,35 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
     result.report = {k: str(v) for k, v in paths.items()}
     if console is not None and recipe.bench.enabled and rows[0]["accuracy"] is not None:
         _print_summary(console, rows, paths)
+    check_accuracy_gate(recipe, rows, ey, result)
     return result
+
+
+def check_accuracy_gate(recipe: Recipe, rows: list[dict], labels, result: RunResult | None = None) -> None:
+    """Raise AccuracyDropped (exit 7, after the report is written) when the compressed artifact's accuracy
+    is more than ``bench.max_drop`` below the input artifact's, or at chance (within 2 points of always
+    answering the most frequent eval class) while the input is clearly above it."""
+    import numpy as np
+
+    from edgec.errors import AccuracyDropped
+
+    max_drop = recipe.bench.max_drop
+    a0, a1 = rows[0].get("accuracy"), rows[1].get("accuracy") if len(rows) > 1 else None
+    if max_drop is None or a0 is None or a1 is None or labels is None or len(labels) == 0:
+        return
+    chance = float(np.bincount(np.asarray(labels)).max() / len(labels))
+    collapsed = a1 <= chance + 0.02 and a0 > chance + 0.1
+    if a0 - a1 <= max_drop and not collapsed:
+        return
+    why = f"at chance level ({chance:.2%}: the most frequent class)" if collapsed else \
+        f"more than bench.max_drop={max_drop:g} below the input's"
+    err = AccuracyDropped(
+        f"accuracy gate: the compressed model's exported accuracy {a1:.2%} is {why}; input model {a0:.2%} "
+        f"({(a1 - a0) * 100:+.2f} pt). The report is written; the run is not fit to deploy",
+        hint="check the training settings (lr, epochs, optimizer), compress less aggressively, or set "
+             "bench.max_drop in the recipe (null turns the gate off)")
+    err.results = result
+    raise err
 
 
 def _print_summary(console, rows: list[dict], paths: dict) -> None:

@@ -60,6 +60,9 @@ class BenchCfg(_Strict):
                                                     "exported models on a seeded subset of this many eval samples "
                                                     "(0 = off); eps and norm of the recipe's adversarial training")
     pgd_steps: int = Field(10, ge=1, description="PGD iterations of that evaluation (step eps/4, random start)")
+    max_drop: float | None = Field(0.2, ge=0, le=1, description="accuracy gate (exit 7): the exported compressed "
+                                   "model may lose at most this much accuracy (0.2 = 20 points) against the exported "
+                                   "input model, and may never fall to chance when the input is above it; null = off")
 
 
 class Recipe(_Strict):

@@ -474,3 +474,56 @@ def test_ensemble_manifest_members_hashed_and_contained(ensemble_dir, tmp_path, 
     res = _runtime(folder, "--input", tmp_path / "x.npy")
     _clean(res)
     assert needle in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# item 9: the accuracy gate (bench.max_drop, exit 7)
+
+COLLAPSE = """\
+version: 1
+name: collapse
+stages:
+  - {method: prune, target_sparsity: 0.99, epochs: 1, batch_size: 64, lr: 0.00001, optimizer: adam, weight_decay: 0.0}
+bench: {runs: 3, warmup: 0, rounds: 1}
+export: {parity_samples: 50}
+"""
+
+
+def test_collapsed_run_fails_the_accuracy_gate_after_the_report(tmp_path, capsys):
+    from test_cli_e2e import train_digits
+
+    weights = train_digits(tmp_path / "fp32.pt", epochs=2)
+    (tmp_path / "collapse.yaml").write_text(COLLAPSE)
+    out = tmp_path / "run"
+    res = run_cli(capsys, "compress", "--model", "digits_cnn", "--weights", weights, "--data", "digits",
+                  "--recipe", tmp_path / "collapse.yaml", "--device", "cpu", "--out", out)
+    assert res.code == 7, res.err
+    assert "accuracy gate" in res.err and "at chance level" in res.err and "Traceback" not in res.err
+    assert (out / "report.json").is_file(), "the report is written before the gate fails the command"
+
+
+def _rows(a0, a1):
+    return [{"accuracy": a0}, {"accuracy": a1}]
+
+
+def test_accuracy_gate_rules():
+    import numpy as np
+
+    from edgec.errors import AccuracyDropped
+    from edgec.pipeline import check_accuracy_gate
+    from edgec.recipe import load_recipe
+
+    labels = np.arange(100) % 10  # chance: 10 %
+    gate = load_recipe("demo")
+    assert gate.bench.max_drop == 0.2 and AccuracyDropped.exit_code == 7
+    check_accuracy_gate(gate, _rows(0.98, 0.80), labels)  # an 18-point drop passes the generous default
+    with pytest.raises(AccuracyDropped, match="more than bench.max_drop=0.2"):
+        check_accuracy_gate(gate, _rows(0.98, 0.70), labels)
+    with pytest.raises(AccuracyDropped, match="at chance"):
+        check_accuracy_gate(load_recipe("demo", ["bench.max_drop=1"]), _rows(0.98, 0.11), labels)
+    check_accuracy_gate(gate, _rows(0.11, 0.10), labels)  # a model at chance from the start did not collapse
+    tight = load_recipe("demo", ["bench.max_drop=0.01"])
+    with pytest.raises(AccuracyDropped):
+        check_accuracy_gate(tight, _rows(0.98, 0.96), labels)
+    check_accuracy_gate(load_recipe("demo", ["bench.max_drop=null"]), _rows(0.98, 0.10), labels)  # off
+    check_accuracy_gate(gate, _rows(None, None), labels)  # bench disabled: nothing to gate

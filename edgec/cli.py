@@ -74,6 +74,7 @@ def export(
     target: Annotated[Optional[str], typer.Option(help="x86 | arm64 | tensorrt (default: the run's target)")] = None,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (13..21)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output file (default RUN_DIR/export/model_compressed.onnx)")] = None,
+    trust_model_file: Annotated[bool, typer.Option(help="re-import the run's file.py model even if it changed since the run (runs its code!)")] = False,
 ):
     """Export a run's compressed model (Q/DQ ONNX) and check it against PyTorch."""
     from edgec.pipeline import export_run
@@ -82,7 +83,8 @@ def export(
         from edgec.targets import get_target
 
         get_target(target)
-    export_run(run_dir, target=target, opset=opset, out=out, fmt=format, console=_console())
+    export_run(run_dir, target=target, opset=opset, out=out, fmt=format, console=_console(),
+               trust_model_file=trust_model_file)
 
 
 @app.command()

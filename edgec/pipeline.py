@@ -28,8 +28,8 @@ from edgec.atomic import atomic_torch_save, atomic_write_text
 from edgec.errors import ExportError, RunDirError
 from edgec.recipe import Recipe, dump_recipe, load_recipe
 from edgec.runlock import describe_holder, lock_run_dir, make_out_dir
-from edgec.runs import IN_MEMORY, build_model, file_sha256, fingerprint, prepare_run_dir, read_run, rebuild_model, \
-    run_recipe
+from edgec.runs import IN_MEMORY, build_model, check_model_file, file_sha256, fingerprint, model_file_of, \
+    prepare_run_dir, read_run, rebuild_model, run_recipe
 
 __all__ = ["CompressRequest", "RunResult", "compress", "export_run", "finish_run"]
 
@@ -166,6 +166,11 @@ def load_inputs(req: CompressRequest, *, model=None, data=None, recipe: Recipe |
     teachers = resolve_teachers(recipe, model, num_classes=num_classes, in_channels=in_channels,
                                 trust_pickle=req.trust_pickle)
     check_byte_budgets(recipe, model)
+    if data.num_classes < 2:  # one class "trains" to 100 % accuracy and measures nothing
+        from edgec.errors import DataError
+
+        raise DataError(f"the data {data.describe()} has {data.num_classes} class; classification needs at least 2",
+                        hint="check the data SPEC: every class needs its own folder / label")
     identity = {"model": model_spec, "data": _abs_data(req.data if req.data else data.spec),
                 "weights_sha256": file_sha256(Path(req.weights)) if req.weights else None,
                 "recipe": recipe.model_dump(mode="json")}
@@ -178,6 +183,8 @@ def _write_run_files(run_dir: Path, inp: _Inputs, req: CompressRequest) -> dict:
            "fingerprint": fingerprint(inp.identity), "identity": inp.identity, "weights": req.weights,
            "num_classes": data.num_classes, "input_shape": list(data.input_shape), "classes": data.classes,
            "normalization": data.normalization}
+    model_file = model_file_of(inp.identity["model"])  # `edgec export` re-imports it: refused if it changes
+    run["model_file_sha256"] = file_sha256(model_file) if model_file is not None and model_file.is_file() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "run.json", json.dumps(run, indent=2))
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(inp.recipe))
@@ -413,7 +420,7 @@ def _print_summary(console, rows: list[dict], paths: dict) -> None:
 
 
 def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = None, out: Path | None = None,
-               fmt: str = "onnx", console=None, model=None, data=None) -> dict:
+               fmt: str = "onnx", console=None, model=None, data=None, trust_model_file: bool = False) -> dict:
     """The run's compressed model -> ONNX (and the dynamic ensemble for eed, a TensorRT engine for tensorrt).
 
     ``model`` / ``data``: a fresh instance of the architecture / the DataBundle, for runs started from
@@ -430,6 +437,8 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
         raise InputError(f"--opset {opset} is not supported; edgec exports ONNX opsets {lo}..{hi}",
                          hint=f"pass --opset between {lo} and {hi}, or leave it out (the recipe's export.opset)")
     run = read_run(run_dir)
+    if model is None:
+        check_model_file(run_dir, run, trust=trust_model_file)  # before anything is written
     recipe = run_recipe(run)
     out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
     if out.is_dir():
@@ -443,7 +452,7 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     if fmt != "onnx":
         raise ExportError(f"unknown format {fmt!r}", hint="use --format onnx")
     opset = opset or recipe.export.opset
-    final = rebuild_model(run_dir, "final", model=model)
+    final = rebuild_model(run_dir, "final", model=model, trust_model_file=trust_model_file)
     if data is not None:
         px = _parity_inputs(to_numpy(data.eval)[0], recipe.export.parity_samples)
     elif run["identity"]["data"].startswith(IN_MEMORY):

@@ -63,7 +63,28 @@ def build_model(model_spec: str, *, num_classes: int, in_channels: int, weights:
                          trust_pickle=trust_pickle)
 
 
-def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
+def model_file_of(spec: str) -> Path | None:
+    """The Python file a ``path/to/file.py:factory`` model SPEC imports (None for zoo names and modules)."""
+    path, sep, _ = str(spec).rpartition(":")
+    return Path(path) if sep and path.endswith(".py") else None
+
+
+def check_model_file(run_dir: Path, run: dict, *, trust: bool) -> None:
+    """Refuse to re-import a run's ``file.py`` model whose contents changed since the run (its code runs on
+    import), unless ``trust``."""
+    recorded = run.get("model_file_sha256")
+    path = model_file_of(run["identity"]["model"])
+    if trust or not recorded or path is None or not path.is_file():
+        return
+    now = file_sha256(path)
+    if now != recorded:
+        raise RunDirError(f"the model file {path} of {run_dir} changed since the run (sha256 {recorded[:12]}... -> "
+                          f"{now[:12]}...); rebuilding the model imports that file, which runs its code",
+                          hint="pass --trust-model-file (trust_model_file=True) if you changed it and trust it, or "
+                               "restore the file as it was")
+
+
+def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None, trust_model_file: bool = False):
     """Rebuild a run's model on CPU: ``"input"`` (FP32 as given) or ``"final"`` (compressed).
 
     The architecture comes from the run's model SPEC, or from ``model`` (a fresh instance of the same
@@ -85,6 +106,7 @@ def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
             raise RunDirError(f"{run_dir} was compressed from an in-memory model ({ident['model']}), which edgec "
                               "cannot rebuild from its name",
                               hint="rebuild it in Python: edgec.export_run(RUN_DIR, model=<a fresh instance>)")
+        check_model_file(run_dir, run, trust=trust_model_file)
         model = build_model(ident["model"], num_classes=run["num_classes"], in_channels=run["input_shape"][0],
                             weights=None, trust_pickle=False)
     model.load_state_dict(torch.load(run_dir / "model_input.pt", map_location="cpu", weights_only=True)["model"])

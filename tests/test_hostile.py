@@ -527,3 +527,48 @@ def test_accuracy_gate_rules():
         check_accuracy_gate(tight, _rows(0.98, 0.96), labels)
     check_accuracy_gate(load_recipe("demo", ["bench.max_drop=null"]), _rows(0.98, 0.10), labels)  # off
     check_accuracy_gate(gate, _rows(None, None), labels)  # bench disabled: nothing to gate
+
+
+# ---------------------------------------------------------------------------------------------
+# item 10: the smaller ones
+
+
+def test_one_class_data_is_refused(tmp_path):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    import edgec
+    from edgec.errors import DataError
+    from edgec.models import create_model
+
+    x = torch.randn(64, 1, 8, 8)
+    ds = TensorDataset(x, torch.zeros(64, dtype=torch.long))
+    with pytest.raises(DataError, match="1 class; classification needs at least 2"):
+        edgec.compress(create_model("digits_cnn"), (ds, ds), "ptq-int8", out=tmp_path / "o", device="cpu",
+                       export=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_random_bytes_weights_do_not_suggest_trust_pickle(tmp_path, capsys):
+    (tmp_path / "w.pt").write_bytes(bytes(range(256)) * 8)
+    res = _compress(capsys, tmp_path / "o", "--weights", tmp_path / "w.pt")
+    _clean(res)
+    assert "not a PyTorch checkpoint" in res.err and "trust-pickle" not in res.err
+
+
+def test_export_refuses_a_model_file_changed_since_the_run(tmp_path, capsys):
+    src = tmp_path / "mynet.py"
+    src.write_text("from edgec.models import create_model\n\n"
+                   "def build(num_classes=10):\n    return create_model('digits_cnn', num_classes=num_classes)\n")
+    out = tmp_path / "run"
+    res = run_cli(capsys, "compress", "--model", f"{src}:build", "--data", "digits", "--recipe", "ptq-int8",
+                  "--device", "cpu", "--no-export", "--out", out)
+    assert res.code == 0, res.err
+    assert json.loads((out / "run.json").read_text())["model_file_sha256"]
+    src.write_text(src.read_text() + "print('this code runs on every export')\n")
+    res = run_cli(capsys, "export", out)
+    _clean(res)
+    assert "changed since the run" in res.err and "--trust-model-file" in res.err
+    assert not (out / "export").exists()
+    res = run_cli(capsys, "export", out, "--trust-model-file")
+    assert res.code == 0, res.err

@@ -46,7 +46,7 @@ def test_the_lock_pins_every_direct_dependency_within_its_range():
 
 def test_installs_use_the_lock_and_drift_does_not():
     make = (REPO / "Makefile").read_text()
-    targets = dict(re.findall(r"^([\w$().-]+):[^\n]*\n((?:\t[^\n]*\n?)*)", make, re.M))
+    targets = dict(re.findall(r"^([\w$()./-]+):[^\n]*\n((?:\t[^\n]*\n?)*)", make, re.M))
     install = targets["$(VENV)/.installed"]
     for line in install.splitlines():
         if "pip install" in line and "--upgrade pip" not in line and "--no-deps" not in line:

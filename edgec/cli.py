@@ -203,9 +203,10 @@ def recipes_list():
 def recipes_show(name: Annotated[str, typer.Argument(help="shipped recipe name or YAML path")]):
     """Print a recipe's YAML (with its header comments)."""
     from edgec.recipe import resolve_source
+    from edgec.safeyaml import read_text
 
-    _, path = resolve_source(name)
-    typer.echo(path.read_text())
+    label, path = resolve_source(name)
+    typer.echo(read_text(path, label))
 
 
 @recipes_app.command("validate")

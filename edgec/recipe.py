@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from edgec.errors import RecipeError
 from edgec.registry import did_you_mean
-from edgec.safeyaml import MAX_BYTES, clip, excerpt, load_bytes, load_text
+from edgec.safeyaml import clip, excerpt, load_file, load_text
 from edgec.stages.config import Strict as _Strict
 from edgec.stages.registry import method_names, quantizing_methods, stage_union
 
@@ -191,12 +191,7 @@ def resolve_source(name_or_path: str) -> tuple[str, Path]:
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe; raises RecipeError listing every problem."""
     label, path = resolve_source(name_or_path)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)  # never more than the limit into memory
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {label}: {exc.strerror}") from exc
-    return validate_recipe(load_bytes(raw, label), overrides or [], label=label)
+    return validate_recipe(load_file(path, label), overrides or [], label=label)
 
 
 def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -> Recipe:

@@ -121,14 +121,28 @@ def load_text(text: str, label: str) -> Any:
             loader.dispose()
 
 
-def load_bytes(raw: bytes, label: str) -> Any:
-    """Size limit, strict UTF-8, then :func:`load_text`."""
+def read_text(path, label: str) -> str:
+    """A recipe file's text: at most ``MAX_BYTES`` read, strict UTF-8; RecipeError otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)  # never more than the limit into memory
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {label}: {exc.strerror or exc}") from None
+    return decode(raw, label)
+
+
+def decode(raw: bytes, label: str) -> str:
+    """Size limit and strict UTF-8."""
     if len(raw) > MAX_BYTES:
         raise RecipeError(f"recipe {label} is {len(raw):,} bytes; recipes are limited to {MAX_BYTES:,} bytes",
                           hint="a recipe is a short YAML file of stages and settings")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"recipe {label} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})",
                           hint="save the recipe as UTF-8 (a YAML text file)") from None
-    return load_text(text, label)
+
+
+def load_file(path, label: str) -> Any:
+    """:func:`read_text` then :func:`load_text`."""
+    return load_text(read_text(path, label), label)

@@ -572,3 +572,10 @@ def test_export_refuses_a_model_file_changed_since_the_run(tmp_path, capsys):
     assert not (out / "export").exists()
     res = run_cli(capsys, "export", out, "--trust-model-file")
     assert res.code == 0, res.err
+
+
+def test_recipes_show_on_bad_bytes(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_bytes(b"stages: []\n\x80\n")
+    res = run_cli(capsys, "recipes", "show", tmp_path / "r.yaml")
+    _clean(res)
+    assert "not UTF-8" in res.err

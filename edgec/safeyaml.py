@@ -68,21 +68,27 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 def _expanded_size(root: Node) -> int:
-    """Nodes of the document with every alias expanded (memoised per node: linear in the file)."""
+    """Nodes of the document with every alias expanded (memoised per node: linear in the file);
+    ``MAX_NODES + 1`` for a recursive alias (``&a [*a]``), which expands without end."""
     memo: dict[int, int] = {}
+    open_: set[int] = set()  # on the current path: met again = a cycle
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, done = stack.pop()
-        if id(node) in memo:
-            continue
         children: list[Node] = []
         if isinstance(node, SequenceNode):
             children = list(node.value)
         elif isinstance(node, MappingNode):
             children = [n for pair in node.value for n in pair]
         if done:
+            open_.discard(id(node))
             memo[id(node)] = min(1 + sum(memo[id(c)] for c in children), MAX_NODES + 1)
             continue
+        if id(node) in memo:
+            continue
+        if id(node) in open_ or any(id(c) in open_ or c is node for c in children):
+            return MAX_NODES + 1
+        open_.add(id(node))
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in memo)
     return memo[id(root)]
@@ -103,7 +109,7 @@ def load_text(text: str, label: str) -> Any:
             return None
         if _expanded_size(node) > MAX_NODES:
             raise RecipeError(f"recipe {label} expands to more than {MAX_NODES:,} values (YAML aliases "
-                              "referring to aliases: a 'billion laughs' document)",
+                              "referring to aliases, or to themselves: a 'billion laughs' document)",
                               hint="write the recipe out without nested anchors/aliases")
         return loader.construct_document(node)
     except RecipeError as exc:

@@ -100,6 +100,8 @@ def test_aliases_within_the_limit_still_work(tmp_path):
     (b"stages: [{method: ptq}]\n" + b"# padding\n" * 200_000, "bytes"),
     (b"stages: [{method: ptq, observer: '" + b"x" * 100_000 + b"'}]\n", "observer"),
     (b"stages: [{method: '" + b"q" * 100_000 + b"'}]\n", "unknown method"),
+    (b"stages: &a [*a]\n", "billion laughs"),  # a recursive alias (found by test_fuzz: 20 GB, then OOM-killed)
+    (b"a: &x {b: [*x]}\nstages: [*x]\n", "billion laughs"),
     (b"\x00\x01\x02", "YAML"),
     (b"!!python/object/apply:os.system ['echo owned']\n", "YAML"),
 ])

@@ -84,6 +84,7 @@ def export(
     target: Annotated[Optional[str], typer.Option(help="x86 | arm64 | tensorrt (default: the run's target)")] = None,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (13..21)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output file (default RUN_DIR/export/model_compressed.onnx)")] = None,
+    trust_model_file: Annotated[bool, typer.Option(help="re-import the run's file.py model even if it changed since the run (runs its code!)")] = False,
 ):
     """Export a run's compressed model (Q/DQ ONNX) and check it against PyTorch."""
     from edgec.pipeline import export_run
@@ -92,7 +93,8 @@ def export(
         from edgec.targets import get_target
 
         get_target(target)
-    export_run(run_dir, target=target, opset=opset, out=out, fmt=format, console=_console())
+    export_run(run_dir, target=target, opset=opset, out=out, fmt=format, console=_console(),
+               trust_model_file=trust_model_file)
 
 
 @app.command()
@@ -218,9 +220,10 @@ def recipes_list():
 def recipes_show(name: Annotated[str, typer.Argument(help="shipped recipe name or YAML path")]):
     """Print a recipe's YAML (with its header comments)."""
     from edgec.recipe import resolve_source
+    from edgec.safeyaml import read_text
 
-    _, path = resolve_source(name)
-    typer.echo(path.read_text())
+    label, path = resolve_source(name)
+    typer.echo(read_text(path, label))
 
 
 @recipes_app.command("validate")
@@ -248,6 +251,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # the environment, not edgec: a full disk, permissions, a path under a file
+        if verbose:
+            raise
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}\n  hint: check the path, its permissions and "
+              "free space (run with --verbose for the traceback)", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - usage errors and unexpected failures
         usage = _usage_error(exc)
         if usage is not None:

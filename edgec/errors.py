@@ -86,6 +86,13 @@ class BudgetExceeded(EdgecError):
     exit_code = 5
 
 
+class AccuracyDropped(EdgecError):
+    """The exported compressed model lost more accuracy than the recipe's ``bench.max_drop`` allows, or
+    fell to chance (exit 7; 6 is FidelityError). The report is written first; ``results`` holds the rows."""
+
+    exit_code = 7
+
+
 class MissingDependency(EdgecError):
     """An optional dependency is not installed; names the extra to install."""
 

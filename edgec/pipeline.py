@@ -27,8 +27,9 @@ from edgec import __version__
 from edgec.atomic import atomic_torch_save, atomic_write_text
 from edgec.errors import ExportError, RunDirError
 from edgec.recipe import Recipe, dump_recipe, load_recipe
-from edgec.runs import IN_MEMORY, build_model, file_sha256, fingerprint, prepare_run_dir, read_run, rebuild_model, \
-    run_recipe
+from edgec.runlock import describe_holder, lock_run_dir, make_out_dir
+from edgec.runs import IN_MEMORY, build_model, check_model_file, file_sha256, fingerprint, model_file_of, \
+    prepare_run_dir, read_run, rebuild_model, run_recipe
 
 __all__ = ["CompressRequest", "RunResult", "compress", "export_run", "finish_run"]
 
@@ -169,6 +170,11 @@ def load_inputs(req: CompressRequest, *, model=None, data=None, recipe: Recipe |
     from edgec.capture import example_from_data
 
     check_byte_budgets(recipe, model, example_from_data(data))
+    if data.num_classes < 2:  # one class "trains" to 100 % accuracy and measures nothing
+        from edgec.errors import DataError
+
+        raise DataError(f"the data {data.describe()} has {data.num_classes} class; classification needs at least 2",
+                        hint="check the data SPEC: every class needs its own folder / label")
     identity = {"model": model_spec, "data": _abs_data(req.data if req.data else data.spec),
                 "weights_sha256": file_sha256(Path(req.weights)) if req.weights else None,
                 "recipe": recipe.model_dump(mode="json")}
@@ -181,6 +187,8 @@ def _write_run_files(run_dir: Path, inp: _Inputs, req: CompressRequest) -> dict:
            "fingerprint": fingerprint(inp.identity), "identity": inp.identity, "weights": req.weights,
            "num_classes": data.num_classes, "input_shape": list(data.input_shape), "classes": data.classes,
            "normalization": data.normalization}
+    model_file = model_file_of(inp.identity["model"])  # `edgec export` re-imports it: refused if it changes
+    run["model_file_sha256"] = file_sha256(model_file) if model_file is not None and model_file.is_file() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "run.json", json.dumps(run, indent=2))
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(inp.recipe))
@@ -191,19 +199,39 @@ def _write_run_files(run_dir: Path, inp: _Inputs, req: CompressRequest) -> dict:
 
 def compress(req: CompressRequest, *, console=None, model=None, data=None, recipe: Recipe | None = None) -> RunResult:
     """Run a compression recipe end to end (steps 1-5); returns the run's :class:`RunResult`."""
-    import torch
+    from edgec.distributed import init_distributed, is_main
 
-    from edgec.distributed import barrier, init_distributed, is_main, shutdown_distributed
-    from edgec.stages.runner import run_stages
-
-    log = console.print if console is not None else _plain_print
     inp = load_inputs(req, model=model, data=data, recipe=recipe)
-    recipe, data = inp.recipe, inp.data
     dist = init_distributed(req.device)
     inp.identity["world_size"] = dist.world_size
     run_dir = Path(req.out)
-    continuing = prepare_run_dir(run_dir, inp.identity, resume=req.resume, force=req.force) if is_main() else False
+    lock = lock_run_dir(run_dir) if is_main() else None  # one writer per run directory, for the whole run
+    try:
+        continuing = prepare_run_dir(run_dir, inp.identity, resume=req.resume, force=req.force) if is_main() else False
+    except RunDirError:
+        if lock is not None:
+            lock.discard()
+        raise
+    try:
+        return _compress_locked(req, inp, dist, run_dir, continuing, lock, console=console, model=model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _compress_locked(req: CompressRequest, inp: _Inputs, dist, run_dir: Path, continuing: bool, lock, *, console,
+                     model) -> RunResult:
+    """Steps 2-5 of :func:`compress`, with ``run_dir`` locked by this process."""
+    import torch
+
+    from edgec.distributed import barrier, is_main, shutdown_distributed
+    from edgec.stages.runner import run_stages
+
+    log = console.print if console is not None else _plain_print
+    recipe, data = inp.recipe, inp.data
     barrier()
+    if lock is not None and lock.taken_over:
+        log(f"[yellow]took over the lock of a run that is gone: {describe_holder(lock.taken_over)}[/]")
     if not req.weights and model is None:
         log("[yellow]no --weights given: compressing a randomly initialised model[/]")
     log(f"data: {data.describe()}")
@@ -300,8 +328,8 @@ def _fidelity_gate(run_dir: Path, run: dict, recipe: Recipe, rows: list[dict], p
     """Fidelity of model_compressed.onnx to the FP32 input model (edgec.export.fidelity): adds
     ``fidelity_top1`` / ``fidelity_sqnr_db`` to the compressed row and writes export/fidelity.json.
     Returns the FidelityError to raise (below ``export.min_fidelity``, not allowed) or None. The gate
-    applies to a trained input (``--weights``, or an in-memory model through the Python API): a randomly
-    initialised model has nothing to keep."""
+    applies to a trained input (``--weights``, or an in-memory model through the Python API; a randomly
+    initialised model has nothing to keep) of a recipe that quantizes."""
     from edgec.export.fidelity import check_fidelity, fidelity_error
 
     threshold = recipe.export.min_fidelity
@@ -317,7 +345,11 @@ def _fidelity_gate(run_dir: Path, run: dict, recipe: Recipe, rows: list[dict], p
                       f"worst layers: {escape(fid.describe_worst())}")
     ident = run["identity"]
     trained = ident.get("weights_sha256") is not None or str(ident.get("model", "")).startswith(IN_MEMORY)
-    if threshold is not None and trained and fid.top1_agreement < threshold:
+    # gated where the artifact is meant to compute the input model's function at lower precision: a
+    # recipe that quantizes. A prune/distill-only run is meant to change the model; the accuracy gate
+    # (bench.max_drop, exit 7) judges it
+    quantizes = _bits(recipe) != "fp32"
+    if threshold is not None and trained and quantizes and fid.top1_agreement < threshold:
         if not allow_low_fidelity:
             return fidelity_error(fid, threshold)
         if console is not None:
@@ -393,7 +425,35 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
     if low_fidelity is not None:  # after the report: it shows what was measured
         low_fidelity.result = result
         raise low_fidelity
+    check_accuracy_gate(recipe, rows, ey, result)
     return result
+
+
+def check_accuracy_gate(recipe: Recipe, rows: list[dict], labels, result: RunResult | None = None) -> None:
+    """Raise AccuracyDropped (exit 7, after the report is written) when the compressed artifact's accuracy
+    is more than ``bench.max_drop`` below the input artifact's, or at chance (within 2 points of always
+    answering the most frequent eval class) while the input is clearly above it."""
+    import numpy as np
+
+    from edgec.errors import AccuracyDropped
+
+    max_drop = recipe.bench.max_drop
+    a0, a1 = rows[0].get("accuracy"), rows[1].get("accuracy") if len(rows) > 1 else None
+    if max_drop is None or a0 is None or a1 is None or labels is None or len(labels) == 0:
+        return
+    chance = float(np.bincount(np.asarray(labels)).max() / len(labels))
+    collapsed = a1 <= chance + 0.02 and a0 > chance + 0.1
+    if a0 - a1 <= max_drop and not collapsed:
+        return
+    why = f"at chance level ({chance:.2%}: the most frequent class)" if collapsed else \
+        f"more than bench.max_drop={max_drop:g} below the input's"
+    err = AccuracyDropped(
+        f"accuracy gate: the compressed model's exported accuracy {a1:.2%} is {why}; input model {a0:.2%} "
+        f"({(a1 - a0) * 100:+.2f} pt). The report is written; the run is not fit to deploy",
+        hint="check the training settings (lr, epochs, optimizer), compress less aggressively, or set "
+             "bench.max_drop in the recipe (null turns the gate off)")
+    err.results = result
+    raise err
 
 
 def _print_summary(console, rows: list[dict], paths: dict) -> None:
@@ -411,7 +471,7 @@ def _print_summary(console, rows: list[dict], paths: dict) -> None:
 
 
 def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = None, out: Path | None = None,
-               fmt: str = "onnx", console=None, model=None, data=None) -> dict:
+               fmt: str = "onnx", console=None, model=None, data=None, trust_model_file: bool = False) -> dict:
     """The run's compressed model -> ONNX (and the dynamic ensemble for eed, a TensorRT engine for tensorrt).
 
     ``model`` / ``data``: a fresh instance of the architecture / the DataBundle, for runs started from
@@ -419,9 +479,22 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     from edgec.data import load_data, to_numpy
     from edgec.export.artifact import export_model
 
+    from edgec.errors import InputError
+    from edgec.recipe import OPSETS
+
     run_dir = Path(run_dir)
+    lo, hi = OPSETS
+    if opset is not None and not lo <= opset <= hi:  # before 17 s of rebuilding and exporting
+        raise InputError(f"--opset {opset} is not supported; edgec exports ONNX opsets {lo}..{hi}",
+                         hint=f"pass --opset between {lo} and {hi}, or leave it out (the recipe's export.opset)")
     run = read_run(run_dir)
+    if model is None:
+        check_model_file(run_dir, run, trust=trust_model_file)  # before anything is written
     recipe = run_recipe(run)
+    out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder", hint="pass the path of the .onnx file to write")
+    make_out_dir(out.parent, "--out")  # unwritable / under a file: refused before the export runs
     target = target or recipe.target
     if target != recipe.target:
         raise ExportError(
@@ -430,7 +503,7 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     if fmt != "onnx":
         raise ExportError(f"unknown format {fmt!r}", hint="use --format onnx")
     opset = opset or recipe.export.opset
-    final = rebuild_model(run_dir, "final", model=model)
+    final = rebuild_model(run_dir, "final", model=model, trust_model_file=trust_model_file)
     if data is not None:
         px = _parity_inputs(to_numpy(data.eval)[0], recipe.export.parity_samples)
     elif run["identity"]["data"].startswith(IN_MEMORY):
@@ -440,7 +513,6 @@ def export_run(run_dir: Path, *, target: str | None = None, opset: int | None = 
     else:
         data = load_data(run["identity"]["data"], seed=recipe.seed, max_eval=recipe.export.parity_samples)
         px, _ = to_numpy(data.eval)
-    out = Path(out) if out else run_dir / "export" / "model_compressed.onnx"
     info = export_model(final, run, out, opset=opset, parity_x=px, console=console)
     if hasattr(final, "members"):  # eed: also the deployable dynamic ensemble (member graphs + ensemble.json)
         from edgec.export.ensemble import export_run_ensemble

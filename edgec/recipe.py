@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from edgec.errors import RecipeError
 from edgec.registry import did_you_mean
+from edgec.safeyaml import clip, excerpt, load_file, load_text
 from edgec.stages.config import Strict as _Strict
 from edgec.stages.registry import method_names, quantizing_methods, stage_union
 
@@ -33,17 +34,21 @@ from edgec.stages.registry import method_names, quantizing_methods, stage_union
 Stage = stage_union()  # every registered method's config class (edgec/stages/<method>.py)
 METHODS = method_names()
 QUANT_METHODS = quantizing_methods()  # stages that quantize: at most one per recipe
+MAX_PROBLEMS = 50  # listed in one error (the count says how many in all)
 
+
+
+OPSETS = (13, 21)  # the ONNX opsets edgec exports (``export.opset``, ``edgec export --opset``)
 
 
 class ExportCfg(_Strict):
     enabled: bool = Field(True, description="false: compress stops after training, nothing exported or benched")
-    opset: int = Field(17, ge=13, le=21)
+    opset: int = Field(17, ge=OPSETS[0], le=OPSETS[1])
     parity_samples: int = Field(1000, ge=1)
     min_fidelity: float | None = Field(0.9, ge=0, le=1, description=(
         "least top-1 agreement of the compressed artifact with the FP32 input model on the parity samples; "
         "below it compress fails with exit 6 (FidelityError) unless --allow-low-fidelity; null = report only. "
-        "Checked when the input model came with --weights"))
+        "Checked when the input model came with --weights (or in memory) and the recipe quantizes"))
 
 
 class BenchCfg(_Strict):
@@ -61,6 +66,9 @@ class BenchCfg(_Strict):
     pgd_steps: int = Field(10, ge=1, description="PGD iterations of that evaluation (step eps/4, random start)")
     remote: str | None = Field(None, description="also bench the artifacts on this device over SSH: a name in the "
                                                  "devices file ($EDGEC_DEVICES) or ssh://user@host[:port]")
+    max_drop: float | None = Field(0.2, ge=0, le=1, description="accuracy gate (exit 7): the exported compressed "
+                                   "model may lose at most this much accuracy (0.2 = 20 points) against the exported "
+                                   "input model, and may never fall to chance when the input is above it; null = off")
 
 
 class Recipe(_Strict):
@@ -68,7 +76,7 @@ class Recipe(_Strict):
     name: str = "unnamed"
     description: str = ""
     target: Literal["x86", "arm64", "tensorrt"] = "x86"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="numpy/torch/sklearn seeds (each stage adds its index)")
     stages: list[Stage] = Field(..., min_length=1)
     export: ExportCfg = Field(default_factory=ExportCfg)
     bench: BenchCfg = Field(default_factory=BenchCfg)
@@ -126,8 +134,8 @@ def _loc(loc: tuple) -> str:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_text(text, "--set value")
+    except RecipeError:
         return text
 
 
@@ -172,6 +180,9 @@ def resolve_source(name_or_path: str) -> tuple[str, Path]:
     """A shipped recipe name or a YAML path -> (label, path)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+        if p.is_dir():
+            raise RecipeError(f"recipe {name_or_path!r} is a directory, not a YAML file",
+                              hint="pass a shipped recipe name (see `edgec recipes list`) or a path to a YAML file")
         if not p.is_file():
             raise RecipeError(f"recipe file {name_or_path!r} does not exist",
                               hint="pass a shipped recipe name (see `edgec recipes list`) or a path to a YAML file")
@@ -186,19 +197,7 @@ def resolve_source(name_or_path: str) -> tuple[str, Path]:
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe; raises RecipeError listing every problem."""
     label, path = resolve_source(name_or_path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {label}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        raise RecipeError(f"recipe {label} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
-    return validate_recipe(data, overrides or [], label=label)
+    return validate_recipe(load_file(path, label), overrides or [], label=label)
 
 
 def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -> Recipe:
@@ -214,13 +213,17 @@ def validate_recipe(data: Any, overrides: list[str], *, label: str = "recipe") -
                 msg = "unknown key"
             elif err["type"] == "union_tag_invalid":
                 got = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else err.get("input")
-                msg = f"unknown method {got!r}; " + did_you_mean(str(got), METHODS)
-            problems.append(f"{_loc(err['loc'])}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in (
-                "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict) else ""))
+                msg = f"unknown method {excerpt(got)}; " + did_you_mean(clip(got, 40), METHODS)
+            problems.append(clip(_loc(err["loc"]), 120) + f": {clip(msg, 300)}" + (
+                f" (got {excerpt(err['input'])})" if err["type"] not in (
+                    "extra_forbidden", "missing", "union_tag_invalid") and not isinstance(err.get("input"), dict)
+                else ""))
     else:
         if not problems:
             return recipe
-    raise RecipeError(f"{label} has {len(problems)} problem(s):", problems,
+    shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"]
+                                       if len(problems) > MAX_PROBLEMS else [])
+    raise RecipeError(f"{label} has {len(problems)} problem(s):", shown,
                       hint="fix the listed keys; `edgec recipes show NAME` prints a valid example")
 
 

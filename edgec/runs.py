@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import RunDirError
+from edgec.runlock import LOCK_FILE, lock_run_dir
 
 RUN_FILE = "run.json"
 
-__all__ = ["RUN_FILE", "build_model", "file_sha256", "fingerprint", "prepare_run_dir", "read_run", "rebuild_model",
-           "run_recipe"]
+__all__ = ["RUN_FILE", "build_model", "file_sha256", "fingerprint", "is_run_dir", "lock_run_dir", "prepare_run_dir",
+           "read_run", "rebuild_model", "run_recipe"]
 
 
 def file_sha256(path: Path) -> str:
@@ -62,7 +63,28 @@ def build_model(model_spec: str, *, num_classes: int, in_channels: int, weights:
                          trust_pickle=trust_pickle)
 
 
-def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
+def model_file_of(spec: str) -> Path | None:
+    """The Python file a ``path/to/file.py:factory`` model SPEC imports (None for zoo names and modules)."""
+    path, sep, _ = str(spec).rpartition(":")
+    return Path(path) if sep and path.endswith(".py") else None
+
+
+def check_model_file(run_dir: Path, run: dict, *, trust: bool) -> None:
+    """Refuse to re-import a run's ``file.py`` model whose contents changed since the run (its code runs on
+    import), unless ``trust``."""
+    recorded = run.get("model_file_sha256")
+    path = model_file_of(run["identity"]["model"])
+    if trust or not recorded or path is None or not path.is_file():
+        return
+    now = file_sha256(path)
+    if now != recorded:
+        raise RunDirError(f"the model file {path} of {run_dir} changed since the run (sha256 {recorded[:12]}... -> "
+                          f"{now[:12]}...); rebuilding the model imports that file, which runs its code",
+                          hint="pass --trust-model-file (trust_model_file=True) if you changed it and trust it, or "
+                               "restore the file as it was")
+
+
+def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None, trust_model_file: bool = False):
     """Rebuild a run's model on CPU: ``"input"`` (FP32 as given) or ``"final"`` (compressed).
 
     The architecture comes from the run's model SPEC, or from ``model`` (a fresh instance of the same
@@ -84,6 +106,7 @@ def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
             raise RunDirError(f"{run_dir} was compressed from an in-memory model ({ident['model']}), which edgec "
                               "cannot rebuild from its name",
                               hint="rebuild it in Python: edgec.export_run(RUN_DIR, model=<a fresh instance>)")
+        check_model_file(run_dir, run, trust=trust_model_file)
         model = build_model(ident["model"], num_classes=run["num_classes"], in_channels=run["input_shape"][0],
                             weights=None, trust_pickle=False)
     model.load_state_dict(torch.load(run_dir / "model_input.pt", map_location="cpu", weights_only=True)["model"])
@@ -107,15 +130,27 @@ def rebuild_model(run_dir: Path, which: str = "final", *, model: Any = None):
 IN_MEMORY = "<in-memory "  # model SPEC recorded for a run started from an nn.Module (edgec.compress)
 
 
+def is_run_dir(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a ``run.json`` that edgec wrote (the only folders ``--force`` replaces)."""
+    try:
+        doc = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"edgec", "fingerprint", "identity"} <= set(doc)
+
+
 def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, force: bool) -> bool:
-    """Check ``run_dir`` may hold this run. Returns True when an earlier attempt is continued."""
+    """Check ``run_dir`` may hold this run. Returns True when an earlier attempt is continued.
+
+    ``force`` replaces only a run directory edgec wrote (:func:`is_run_dir`); any other non-empty
+    folder is refused. Call it with the run directory locked (:func:`edgec.runlock.lock_run_dir`)."""
     run_dir = Path(run_dir)
     fp = fingerprint(identity)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir} is a file", hint="choose a folder path for --out")
     existing = run_dir / RUN_FILE
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if existing.is_file():
+    if run_dir.is_dir() and any(c.name != LOCK_FILE for c in run_dir.iterdir()):
+        if is_run_dir(run_dir):
             old = json.loads(existing.read_text())
             same = old.get("fingerprint") == fp
             if same and resume:
@@ -129,10 +164,10 @@ def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, force: bool)
             diff = [k for k in identity if old.get("identity", {}).get(k) != identity[k]]
             raise RunDirError(f"{run_dir} holds a different run (differs in: {', '.join(diff) or 'settings'})",
                               hint="choose another --out, or pass --force to overwrite it")
-        if not force:
-            raise RunDirError(f"{run_dir} is not empty and is not an edgec run directory",
-                              hint="choose an empty or new --out folder, or pass --force to use it anyway")
-        _wipe(run_dir)
+        raise RunDirError(f"{run_dir} is not empty and is not an edgec run directory"
+                          + (" (--force replaces only run directories edgec created; nothing was deleted)"
+                             if force else ""),
+                          hint="choose an empty or new --out folder")
     elif resume:
         raise RunDirError(f"--resume given but {run_dir} holds no run to continue",
                           hint="drop --resume to start a new run")
@@ -141,6 +176,8 @@ def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, force: bool)
 
 def _wipe(run_dir: Path) -> None:
     for child in run_dir.iterdir():
+        if child.name == LOCK_FILE:  # held by this process for the whole run
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:

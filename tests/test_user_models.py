@@ -361,6 +361,8 @@ def test_broken_quantization_ends_with_fidelity_error(tmp_path, capsys):
     assert rows[1]["fidelity_top1"] < 0.9
     fid = json.loads((tmp_path / "bad" / "export" / "fidelity.json").read_text())
     assert fid["worst_layers"] and fid["layers"]
-    res = compress_cli(capsys, "relu_bn", w, tmp_path / "kept", *bad, "--allow-low-fidelity")
+    # --allow-low-fidelity lifts the fidelity gate only; the accuracy gate (exit 7) still judges the drop
+    res = compress_cli(capsys, "relu_bn", w, tmp_path / "kept", *bad, "--allow-low-fidelity",
+                       "--set", "bench.max_drop=null")
     assert res.code == 0, res.err
     assert "fidelity %" in (tmp_path / "kept" / "report.md").read_text()

@@ -64,12 +64,20 @@ def _run_runner(model: Path, *, threads: int, batch: int, warmup: int, runs: int
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip()[-2000:]
             raise InputError(
-                f"the runtime benchmark of {str(model)!r} failed (exit {proc.returncode}):\n{tail}",
-                hint="run the same command by hand to see the full output: " + " ".join(cmd[1:]),
+                f"the runtime benchmark of {str(model)!r} failed (exit {proc.returncode}): "
+                f"{_runner_reason(proc.stderr or proc.stdout)}",
+                hint="run the same command by hand (add --verbose for the traceback): " + " ".join(cmd[1:]),
             )
         return json.loads(out.read_text())
+
+
+def _runner_reason(output: str) -> str:
+    """The runner's own one-line ``error:`` message (never the child's traceback), shortened."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln[len("error:"):].strip() for ln in lines if ln.startswith("error:")]
+    why = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return why if len(why) <= 500 else why[:497] + "..."
 
 
 def _check_eval(eval_x, eval_y) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,45 @@ def _describe_cfg_change(old: dict, new: dict) -> str:
     return ", ".join(diffs) if diffs else "(fields equal but fingerprint differs: older engine version?)"
 
 
+def state_tensors(run: Run):
+    """``(name, tensor)`` of everything a checkpoint stores of the model: parameters, buffers, extra state,
+    and trainable parameters outside the model."""
+    for name, t in run.model.state_dict(keep_vars=True).items():
+        yield name, t
+    for key, m in run.extra_state.items():
+        for name, t in m.state_dict(keep_vars=True).items():
+            yield f"{key}.{name}", t
+    for i, p in enumerate(run.outside_params):
+        yield f"<trainable {i}>", p
+
+
+def non_finite_names(run: Run) -> frozenset[str]:
+    return frozenset(n for n, t in state_tensors(run)
+                     if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t.detach()).all())
+
+
+def first_non_finite(run: Run) -> str | None:
+    """What became non-finite since training started: a parameter/buffer, or the model's output in eval
+    mode on the last training batch (finite weights can still overflow); None when all is finite."""
+    for name, t in state_tensors(run):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and name not in run.nonfinite_at_start \
+                and not torch.isfinite(t.detach()).all():
+            return name
+    if run.probe is None:
+        return None
+    was_training = run.model.training
+    try:
+        with torch.no_grad():
+            out = run.model.eval()(run.probe)
+    except TypeError:  # a model whose forward takes more than the batch: the state check alone
+        return None
+    finally:
+        run.model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+        return "the model's output (eval mode, on the last training batch)"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # writing (every rank calls it: RNG states are gathered; rank 0 writes)
 
@@ -83,12 +122,17 @@ def save_checkpoint(
     """Write the run's state to ``run.ckpt_path`` atomically (no-op without a path)."""
     if run.ckpt_path is None:
         return
-    for p in run.trainable:
-        if not torch.isfinite(p.detach()).all():
-            raise TrainingError(
-                f"weights became non-finite at step {run.global_step} and were not checkpointed; {run.kept()}",
-                hint="lower the learning rate, set grad_clip, or check the data",
-            )
+    bad = first_non_finite(run)
+    if run.ddp:  # every rank must stop together (buffers can differ between ranks inside an epoch)
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=run.device)
+        D.all_reduce_sum(flag)
+        bad = bad or ("a tensor on another rank" if flag.item() > 0 else None)
+    if bad is not None:
+        raise TrainingError(
+            f"training diverged: {bad} became non-finite at step {run.global_step}, so that state was not "
+            f"checkpointed; {run.kept()}",
+            hint="lower the learning rate, set grad_clip, or check the data",
+        )
     rngs = D.all_gather_object(_rng_state(run.device)) if run.ddp else [_rng_state(run.device)]
     augs = None
     if aug_gen is not None:

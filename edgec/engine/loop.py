@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from edgec import distributed as D
 from edgec.distributed import DistContext
 from edgec.engine.batches import _augment_seed, _batches_of, _chunk
-from edgec.engine.checkpoint import restore, save_checkpoint
+from edgec.engine.checkpoint import non_finite_names, restore, save_checkpoint
 from edgec.engine.config import Augment, EvalFn, Hooks, LossFn, TrainConfig, _cfg_dict, config_fingerprint
 from edgec.engine.evaluation import _eval_sums, _sums_to_metrics
 from edgec.engine.optim import _make_optimizer, _make_scheduler, _param_groups
@@ -149,7 +149,7 @@ def _setup(
     model_param_ids = {id(p) for p in model.parameters()}
     outside_params = [p for p in trainable if id(p) not in model_param_ids]
 
-    return Run(
+    run = Run(
         model=model, loss_fn=loss_fn, train_set=train_set, eval_set=eval_set, cfg=cfg, hooks=hooks,
         augment=augment, extra_state=extra_state, ckpt_path=ckpt_path, metrics_path=metrics_path, desc=desc,
         dist=dist, eval_fn=eval_fn, device=device, use_amp=use_amp, n_train=n_train, sampler=sampler,
@@ -157,6 +157,8 @@ def _setup(
         trainable=trainable, outside_params=outside_params, fingerprint=config_fingerprint(cfg),
         cfg_dict=_cfg_dict(cfg), train_model=model,
     )
+    run.nonfinite_at_start = non_finite_names(run)
+    return run
 
 
 def _wrap_ddp(run: Run) -> None:
@@ -231,6 +233,7 @@ def _train_step(
         x = run.augment(x, gen)
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
+    run.probe = x if isinstance(x, Tensor) else None
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=run.use_amp):
         loss, logits = run.loss_fn(run.train_model, x, y)
     if not isinstance(loss, Tensor) or loss.numel() != 1:

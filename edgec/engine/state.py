@@ -59,6 +59,10 @@ class Run:
     running: dict[str, float] = field(default_factory=dict)
     aug_state: Tensor | None = None
     last_good: str | None = None  # where the newest checkpoint on disk stands
+    # state entries already non-finite when training started (e.g. an uncalibrated inf threshold):
+    # the divergence guard watches every other parameter and buffer
+    nonfinite_at_start: frozenset[str] = frozenset()
+    probe: Tensor | None = None  # the last training batch: the guard runs the model on it before a checkpoint
 
     @property
     def ddp(self) -> bool:

@@ -199,6 +199,12 @@ def _read_checkpoint(path: Path, *, trust_pickle: bool) -> Any:
                     "loading it would unpickle it, which can run arbitrary code",
                     hint=f"pass --trust-pickle (trust_pickle=True) only if you trust the source of this file, or {_RESAVE}",
                 ) from e
+            if "Weights only load failed" in msg and not _looks_like_pickle(path):
+                raise ModelError(  # random bytes: --trust-pickle would not help, never suggest it
+                    f"weights file {str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive "
+                    "nor a pickle)",
+                    hint="expected a file written by torch.save(model.state_dict(), path) or edgec's save_weights",
+                ) from e
             if "Weights only load failed" in msg:
                 raise ModelError(
                     f"weights file {str(path)!r} is not a PyTorch weights file that can be loaded safely "
@@ -215,6 +221,13 @@ def _read_checkpoint(path: Path, *, trust_pickle: bool) -> Any:
             ) from e
         except Exception as e:
             raise _not_torch(path, e) from e
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """torch.save's zip archive, or a pickle of protocol 2..5 (what a pickled checkpoint starts with)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _not_torch(path: Path, e: BaseException) -> ModelError:

@@ -39,6 +39,7 @@ __all__ = [
     "model_metadata",
     "peak_rss_mb",
     "predict",
+    "run_session",
     "softmax",
 ]
 
@@ -139,7 +140,7 @@ def predict(session: ort.InferenceSession, x: np.ndarray, *, batch_size: int = 2
         if fixed and m < fixed:  # pad the last chunk of a fixed-batch model
             pad = np.zeros((fixed - m, *chunk.shape[1:]), dtype=chunk.dtype)
             chunk = np.concatenate([chunk, pad])
-        out = session.run(None, {inp.name: np.ascontiguousarray(chunk)})[0]
+        out = run_session(session, {inp.name: np.ascontiguousarray(chunk)})[0]
         outs.append(out[:m])
     return np.concatenate(outs, axis=0)
 
@@ -175,6 +176,7 @@ def measure_latency(
     else:
         x = _random_input(inp, batch)
     feed = {inp.name: np.ascontiguousarray(x)}
+    run_session(session, feed)  # one checked run first: onnxruntime's own errors become a RunnerError
     run = session.run
     for _ in range(warmup):
         run(None, feed)
@@ -195,6 +197,23 @@ def measure_latency(
         "min": float(times.min()),
         "throughput_per_s": batch * 1000.0 / mean if mean > 0 else float("inf"),
     }
+
+
+def run_session(session: ort.InferenceSession, feed: dict) -> list:
+    """``session.run(None, feed)``; onnxruntime's raw errors (``Fail``, ``InvalidArgument``, ...) become a
+    :class:`RunnerError` with their first line, e.g. a model whose declared input disagrees with its weights."""
+    opts = ort.RunOptions()
+    opts.log_severity_level = 4  # fatal only: the failure reaches the user once, as the RunnerError below
+    try:
+        return session.run(None, feed, opts)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunnerError(
+            f"onnxruntime {ort.__version__} could not run the model on an input of shape "
+            f"{', '.join(str(tuple(v.shape)) for v in feed.values())}: {type(e).__name__}: {first[:500]}. "
+            f"The model's graph is inconsistent with its declared input, or the input does not fit it; "
+            f"re-export the model"
+        ) from e
 
 
 def model_metadata(session: ort.InferenceSession) -> dict:
@@ -264,6 +283,11 @@ def _input_dtype(inp) -> type:
 
 def _as_model_input(x: np.ndarray, inp) -> np.ndarray:
     x = np.asarray(x)
+    if x.dtype.kind not in "biuf" or x.dtype.fields is not None:  # strings, structured, objects, complex, dates
+        raise RunnerError(
+            f"input has dtype {str(x.dtype)[:80]!r}; the model takes numbers: save a numeric array, e.g. "
+            f"np.save('x.npy', x.astype(np.float32))"
+        )
     rank = len(inp.shape) if inp.shape is not None else None
     if rank is not None and x.ndim == rank - 1:  # one sample without its batch axis
         x = x[None]
@@ -323,6 +347,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10, help="bench: untimed runs first")
     p.add_argument("--runs", type=int, default=100, help="bench: timed runs")
     p.add_argument("--json-out", help="bench: write the results to this JSON file (else stdout)")
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
     return p
 
 
@@ -427,5 +452,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
     except (RunnerError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. --json-out in a folder that cannot be written
+        if args.verbose:
+            raise
+        print(f"error: cannot access {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one message, no traceback (unless --verbose)
+        if args.verbose:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {str(e)[:500]}\n  (run with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1

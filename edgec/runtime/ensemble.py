@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import ModelNotFoundError, RunnerError, load_session, softmax
+from . import ModelNotFoundError, RunnerError, load_session, run_session, softmax
 
 MANIFEST = "ensemble.json"
 FORMAT = "edgec-dynamic-ensemble"
@@ -201,6 +201,7 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> tuple[str,
     if agree is not None and (isinstance(agree, bool) or not isinstance(agree, int) or not 2 <= agree <= len(members)):
         raise RunnerError(f"{mpath!r}: 'agree' must be null or an integer in [2, {len(members)}], got {agree!r}")
     folder = os.path.dirname(os.path.abspath(mpath))
+    _check_members_inside(mpath, folder, members)
     missing = [m for m in members if not os.path.isfile(os.path.join(folder, m))]
     if missing:
         raise ModelNotFoundError(
@@ -208,14 +209,30 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> tuple[str,
             + ", ".join(f"{m!r} (looked for {os.path.join(folder, m)})" for m in missing)
             + "; copy the whole folder (manifest + all member*.onnx) together, or re-export with "
               "`edgec export RUN_DIR`")
-    sums = meta.get("sha256") or {}
-    if verify and isinstance(sums, dict):
-        bad = [m for m in members if m in sums and file_sha256(os.path.join(folder, m)) != sums[m]]
+    sums = meta.get("sha256")
+    unsummed = [m for m in members if not (isinstance(sums, dict) and isinstance(sums.get(m), str)
+                                           and len(sums[m]) == 64 and all(c in "0123456789abcdef" for c in sums[m]))]
+    if unsummed:  # a member without its hash could be any file: never run unverified
+        raise RunnerError(f"{mpath!r}: every member needs its sha256 in 'sha256' (a 64-digit hex string); "
+                          f"missing or malformed for {', '.join(map(repr, unsummed))}; re-export the ensemble "
+                          f"with `edgec export RUN_DIR`")
+    if verify:
+        bad = [m for m in members if file_sha256(os.path.join(folder, m)) != sums[m]]
         if bad:
             raise RunnerError(f"{mpath!r}: member file(s) {', '.join(map(repr, bad))} do not match the sha256 "
                               f"recorded in the manifest (changed or mixed up after export); re-export the "
                               f"ensemble with `edgec export RUN_DIR`")
     return folder, meta
+
+
+def _check_members_inside(mpath: str, folder: str, members: list[str]) -> None:
+    """Member paths are names inside the manifest's folder: no absolute paths, no ``..``, no link out."""
+    root = os.path.realpath(folder)
+    outside = [m for m in members if os.path.isabs(m) or os.path.normpath(m).split(os.sep)[0] == os.pardir
+               or os.path.commonpath([root, os.path.realpath(os.path.join(folder, m))]) != root]
+    if outside:
+        raise RunnerError(f"{mpath!r}: member path(s) {', '.join(map(repr, outside))} point outside the ensemble's "
+                          f"folder {folder!r}; members must be files in that folder (as `edgec export` writes them)")
 
 
 class DynamicEnsemble:
@@ -252,7 +269,7 @@ class DynamicEnsemble:
         return len(self.sessions)
 
     def _member(self, k: int, x: np.ndarray) -> np.ndarray:
-        return softmax(self.sessions[k].run(None, {self._inputs[k]: x.astype(np.float32, copy=False)})[0])
+        return softmax(run_session(self.sessions[k], {self._inputs[k]: x.astype(np.float32, copy=False)})[0])
 
     def member_probs(self, x: np.ndarray) -> np.ndarray:
         """All members on all of ``x``: (K, N, C)."""

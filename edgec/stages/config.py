@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` / `.nan` are refused here, not by the optimizer after the run started
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Optim(Strict):
@@ -27,6 +28,13 @@ class Optim(Strict):
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     max_train_samples: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self):
+        # the engine's TrainConfig refuses this too, but only once the run directory is written
+        if self.warmup_epochs > 0 and self.epochs > 0 and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
 
 
 class KD(Strict):

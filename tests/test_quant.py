@@ -293,3 +293,33 @@ def test_state_dict_without_zero_points_is_refused():
     fresh, _ = quantize_model(_Net().eval(), QuantSpec(act_quantizer="ema"), get_target("x86"))
     with pytest.raises(RunDirError, match="zero point"):
         fresh.load_state_dict(old)
+
+
+def test_relu6_output_is_the_quantization_point_and_ort_folds_the_clip(tmp_path):
+    """conv -> BN -> ReLU6 (inverted residuals): the quantizer goes after the ReLU6 (grid from 0, as after a
+    ReLU), so ORT folds the Clip into QLinearConv; a quantizer between conv and Clip left the Clip in float
+    between integer kernels (MobileNetV2 on CIFAR-10: 0.71x FP32 speed vs 1.23x for ORT quantize_static)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgec.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    gm, _ = quantize_model(model, QuantSpec(act_quantizer="minmax", weight_quantizer="minmax"), get_target("x86"))
+    x = torch.randn(64, 1, 8, 8) * 3
+    calibrate(gm, [(x, None)])
+    users = {str(n.target): [str(u.target) for u in n.users] for n in gm.graph.nodes}
+    for relu6 in ("2", "5"):
+        assert any(u.startswith("aq_") for u in users[relu6])  # quantized after the clip
+        aq = gm.get_submodule(next(u for u in users[relu6] if u.startswith("aq_")))
+        assert int(aq.zp) == 0  # its data start at 0: unsigned, zero point 0
+    res = export_onnx(gm, (1, 8, 8), tmp_path / "relu6.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(res.path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "Clip" not in ops

@@ -168,8 +168,10 @@ def _conv_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return (isinstance(_module(gm, n), nn.ReLU)
-            or (n.op == "call_function" and n.target in (F.relu, torch.relu))
+    """ReLU or ReLU6 right after a layer: the quantization point goes after it (its grid then starts at 0,
+    and ORT folds the Relu/Clip into the integer kernel: ClipQuantFusion), not between layer and clip."""
+    return (isinstance(_module(gm, n), (nn.ReLU, nn.ReLU6))
+            or (n.op == "call_function" and n.target in (F.relu, torch.relu, F.relu6))
             or (n.op == "call_method" and n.target == "relu"))
 
 

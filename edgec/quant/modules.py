@@ -35,58 +35,40 @@ def _masked_weight(mod: nn.Module) -> Tensor:
     return mod.weight if mask is None else mod.weight * mask
 
 
-class QConv2d(nn.Conv2d):
+class _QConv:
+    """The weight-quantized conv: the float conv's hyper-parameters and weights, its (masked) weight
+    through a per-channel quantizer ``wq``, the bias on the input x weight grid."""
+
+    wq: Quantizer
+
+    @classmethod
+    def from_float(cls, conv, wq: Quantizer):
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype)
+        q.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ("weight", "bias")})
+        if getattr(conv, "weight_mask", None) is not None:
+            q.register_buffer("weight_mask", conv.weight_mask.clone())
+        q.wq = wq
+        return q
+
+    def quantized_weight(self) -> Tensor:
+        return self.wq(_masked_weight(self))
+
+    def quantized_bias(self) -> Tensor | None:
+        return _quantized_bias(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), _quantized_bias(self))
+
+
+class QConv2d(_QConv, nn.Conv2d):
     """nn.Conv2d whose (masked) weight passes through a per-channel quantizer ``wq``."""
 
-    wq: Quantizer
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, wq: Quantizer) -> "QConv2d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype)
-        q.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ("weight", "bias")})
-        if getattr(conv, "weight_mask", None) is not None:
-            q.register_buffer("weight_mask", conv.weight_mask.clone())
-        q.wq = wq
-        return q
-
-    def quantized_weight(self) -> Tensor:
-        return self.wq(_masked_weight(self))
-
-    def quantized_bias(self) -> Tensor | None:
-        return _quantized_bias(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), _quantized_bias(self))
-
-
-class QConv1d(nn.Conv1d):
+class QConv1d(_QConv, nn.Conv1d):
     """nn.Conv1d whose (masked) weight passes through a per-channel quantizer ``wq``."""
-
-    wq: Quantizer
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, wq: Quantizer) -> "QConv1d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype)
-        q.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ("weight", "bias")})
-        if getattr(conv, "weight_mask", None) is not None:
-            q.register_buffer("weight_mask", conv.weight_mask.clone())
-        q.wq = wq
-        return q
-
-    def quantized_weight(self) -> Tensor:
-        return self.wq(_masked_weight(self))
-
-    def quantized_bias(self) -> Tensor | None:
-        return _quantized_bias(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), _quantized_bias(self))
 
 
 class QLinear(nn.Linear):

@@ -95,6 +95,8 @@ def ort_quantize_static(fp32_onnx: Path, calib_x, out: Path) -> Path:
 
 
 def nncf_ptq(model, calib_x, out: Path) -> Path | None:
+    # NNCF JIT-compiles a C++ extension on first use (~30 s idle); on a loaded 2-core machine its 60 s limit fails
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     try:
         import nncf
         from nncf.torch.quantization.layers import QuantizerExportMode  # noqa: F401

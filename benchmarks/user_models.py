@@ -17,31 +17,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from cifar10_int8 import log  # noqa: E402  (one log format for the drivers)
 RESULTS = HERE / "results"
 WORK = HERE / "work" / "user_models"
 STEM = "cifar10-user-models-int8-ort-cpu"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def cifar10_spec() -> str | None:
-    root = os.environ.get("EDGEC_DATA")
-    if not root or not (Path(root) / "cifar10").is_dir():
-        print("EDGEC_DATA must point at a folder with cifar10/ (e.g. ../shared/data); nothing to do", file=sys.stderr)
-        return None
-    os.environ.setdefault("EDGEC_NO_PROGRESS", "1")
-    # NNCF JIT-compiles a C++ extension on first use (~30 s idle); on a loaded 2-core machine its 60 s limit fails
-    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
-    return f"cifar10:{Path(root) / 'cifar10'}"
+    """The data SPEC of $EDGEC_DATA/cifar10, or None after saying why (cifar10_int8's check)."""
+    from cifar10_int8 import cifar10_root
+
+    root = cifar10_root()
+    return None if root is None else f"cifar10:{root}"
 
 
 def train_baseline(arch: str, data, *, epochs: int, samples: int, seed: int = 0) -> Path:

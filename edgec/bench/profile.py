@@ -182,7 +182,7 @@ def print_profile_table(res: ProfileResult, console, *, top: int | None = 15) ->
     names = [a.name for a in res.artifacts]
     s = res.settings
     where = res.device.get("name", "local")
-    table = Table(title=f"edgec profile on {where} ({res.device.get('onnxruntime', '?')}, {s['threads']} thread(s), "
+    table = Table(title=f"edgec profile on {where} (onnxruntime {res.device.get('onnxruntime', '?')}, {s['threads']} thread(s), "
                         f"batch {s['batch']}): median us per call over {s['runs']} interleaved calls")
     table.add_column("layer", overflow="fold")
     for n in names:

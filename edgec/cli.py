@@ -169,6 +169,36 @@ def bench(
 
 
 @app.command()
+def profile(
+    models: Annotated[list[Path], typer.Argument(help="one or more .onnx files (e.g. RUN/export/model_fp32.onnx "
+                                                      "RUN/export/model_compressed.onnx); the first is the reference")],
+    batch: Annotated[int, typer.Option(help="batch size")] = 1,
+    threads: Annotated[int, typer.Option(help="intra-op threads")] = 1,
+    warmup: Annotated[int, typer.Option(help="warm-up calls per model")] = 10,
+    runs: Annotated[int, typer.Option(help="profiled calls per model (interleaved)")] = 50,
+    top: Annotated[int, typer.Option(help="rows shown (and plotted), longest first; 0 = all")] = 15,
+    out: Annotated[Optional[Path], typer.Option(help="write DIR/profile.json and DIR/profile.png")] = None,
+    provider: Annotated[Optional[list[str]], typer.Option(help="ORT execution provider(s)")] = None,
+    remote: Annotated[Optional[str], typer.Option(help="profile on a device over SSH: a name from the devices file, or ssh://user@host[:port]")] = None,
+    devices: Annotated[Optional[Path], typer.Option(help="devices file (YAML; default $EDGEC_DEVICES)")] = None,
+    accept_new_host_key: Annotated[bool, typer.Option("--accept-new-host-key", help="trust the device's host key on first contact")] = False,
+):
+    """Per-layer time from ONNX Runtime's profiler, float and quantized artifacts side by side.
+
+    Each profiled kernel (fused ones included, e.g. QLinearConv) is mapped back to the source model's
+    layer (module path), so the same layer of every artifact is one row (edgec/bench/layers.py)."""
+    from edgec.bench.profile import print_profile_table, profile_models, write_profile
+
+    res = profile_models(models, batch=batch, threads=threads, runs=runs, warmup=warmup, providers=provider,
+                         remote=remote, devices_file=devices, accept_new_host_key=accept_new_host_key)
+    console = _console()
+    print_profile_table(res, console, top=top or None)
+    if out is not None:
+        paths = write_profile(res, out, top=top or None)
+        console.print(f"profile: {paths['json']}  plot: {paths['png']}")
+
+
+@app.command()
 def models(pattern: Annotated[str, typer.Argument(help="glob, e.g. 'resnet*'")] = "*"):
     """List the model zoo."""
     from rich.table import Table

@@ -307,6 +307,14 @@ def _artifact_files(model: Path, kind: str) -> tuple[dict[str, Path], str, list[
         graphs = [mpath.parent / m for m in meta["members"]]
         files = {f"artifact/{MANIFEST}": mpath, **{f"artifact/{m}": mpath.parent / m for m in meta["members"]}}
         return files, f"artifact/{MANIFEST}", graphs
+    if kind == "profile":  # several models, profiled against each other (edgec profile --remote)
+        files, arcs, graphs = {}, [], []
+        for k, m in enumerate(model):
+            one, arc, g = _artifact_files(Path(m), "model")
+            files.update({a.replace("artifact/", f"artifact{k}/", 1): src for a, src in one.items()})
+            arcs.append(arc.replace("artifact/", f"artifact{k}/", 1))
+            graphs += g
+        return files, arcs, graphs
     files = {f"artifact/{model.name}": model}
     files.update({f"artifact/{p.name}": p for p in _external_files(model)})
     return files, f"artifact/{model.name}", [model]
@@ -319,13 +327,14 @@ def measure_on_device(model: str | Path, remote: str | Device, *, kind: str = "m
     """Run :func:`edgec.runtime.device.main` for ``model`` on the device; return ``(measured, device)``:
     what the device measured (as :func:`~edgec.runtime.device.measure_model` /
     :func:`~edgec.runtime.device.measure_ensemble` return it; ``outputs``: with the model's logits on
-    ``inputs``, ``measured["logits"]``) and the device's facts and label."""
+    ``inputs``, ``measured["logits"]``) and the device's facts and label. ``kind="profile"``: ``model`` is a
+    list of ONNX files, profiled against each other (:func:`edgec.runtime.profile.profile_job`)."""
     dev = remote if isinstance(remote, Device) else resolve_device(remote, devices_file)
     if providers:
         dev = dev.model_copy(update={"providers": list(providers)})
     ssh = SSHDevice(dev, accept_new_host_key=accept_new_host_key)
     facts = ssh.probe()
-    files, model_arc, graphs = _artifact_files(Path(model), kind)
+    files, model_arc, graphs = _artifact_files(model if kind == "profile" else Path(model), kind)
     check_runtime_supports(facts["onnxruntime"], graphs, dev.label)
     job: dict[str, Any] = {"kind": kind, "model": model_arc, "threads": threads, "batch": batch, "warmup": warmup,
                            "runs": runs, "rounds": rounds, "providers": dev.providers, "inputs": None, "labels": None,

@@ -75,13 +75,15 @@ def load_session(
     *,
     threads: int = 1,
     providers: Sequence[str] | None = None,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """Open ``path`` in onnxruntime with a fixed, reproducible thread setup.
 
     ``threads`` is the intra-op thread count (0 = onnxruntime's default, all cores); inter-op
     parallelism is 1 and all graph optimisations are on. ``providers`` defaults to
     ``["CPUExecutionProvider"]``; a provider that this onnxruntime build does not have is an error
-    (onnxruntime itself would silently fall back to CPU).
+    (onnxruntime itself would silently fall back to CPU). ``profile_prefix``: turn on ORT's profiler,
+    its JSON trace written to ``<prefix>_<date>.json`` by ``session.end_profiling()`` (runtime/profile.py).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -108,6 +110,9 @@ def load_session(
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.fspath(profile_prefix)
     try:
         return ort.InferenceSession(path, sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own pybind exception types

@@ -8,7 +8,7 @@ marker lines (anything else a wrapper prints is ignored)::
 
     python -c "import runtime.device as d; d.main(['job.json'])"
 
-``job.json``: ``{"kind": "model" | "ensemble", "model": "model.onnx", "threads": 1, "batch": 1,
+``job.json``: ``{"kind": "model" | "ensemble" | "profile", "model": "model.onnx" (a list for "profile"), "threads": 1, "batch": 1,
 "warmup": 10, "runs": 100, "providers": [...], "inputs": "x.npy" | null, "labels": "y.npy" | null,
 "rounds": 3, "adv": {"x": ..., "y": ..., "x_clean": ...} | null, "outputs": false}`` (paths relative to the job file).
 """
@@ -141,6 +141,10 @@ def _run_job(job_path: str) -> dict:
 
     common = {k: job[k] for k in ("threads", "batch", "warmup", "runs") if k in job}
     common.update(providers=job.get("providers"), inputs=arr(job.get("inputs")), labels=arr(job.get("labels")))
+    if job.get("kind") == "profile":  # edgec profile --remote: job["model"] is a list of files
+        from .profile import profile_job
+
+        return profile_job({**job, "models": job["model"]}, base)
     model = os.path.join(base, job["model"])
     if job.get("kind") == "ensemble":
         adv = job.get("adv")

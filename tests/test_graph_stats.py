@@ -306,3 +306,25 @@ def test_peak_against_ort_measured_rss(tmp_path):
     for kind in (False, True):  # within 2 MiB of the estimate (measured here: +0.3 to +0.4 MiB)
         assert abs(measured[kind] - estimated[kind]) < 2 * mib, (kind, measured, estimated)
     assert abs((measured[True] - measured[False]) - 8 * mib) < 2 * mib
+
+
+# ------------------------------------------------------------------------------ bench JSON, report
+def test_bench_results_and_report_carry_graph_stats(convs, tmp_path):
+    from edgec.bench import bench
+    from edgec.pipeline import _graph_fields
+    from edgec.report import render_markdown, write_report
+
+    rows = []
+    for path in convs:
+        b = bench(path, latency=False)
+        assert (b["macs"], b["params"]) == (23104, _CONVS_PARAMS) and b["peak_activation_bytes"] > 0
+        assert _graph_fields(str(path), b) == _graph_fields(str(path), {})  # reused from the bench, or counted
+        rows.append({"name": path.stem, "format": "onnx", "weight_bytes_deployed": b["weight_bytes_deployed"],
+                     **_graph_fields(str(path), b)})
+    md = render_markdown(rows, title="t", created="now")
+    head = next(ln for ln in md.splitlines() if ln.startswith("| name"))
+    assert head.split(" | ")[-5:-2] == ["MMACs", "params", "peak act KB"]
+    int8 = next(ln for ln in md.splitlines() if ln.startswith("| int8 "))
+    assert "| 0.023 | 676 | 1.2 |" in int8  # 23104 MACs, 676 params, 1280 B
+    assert "MMACs" not in render_markdown([{"name": "x"}], title="t", created="now")  # old rows: no columns
+    assert json.loads(write_report(tmp_path, rows, title="t")["json"].read_text())["rows"][1]["macs"] == 23104

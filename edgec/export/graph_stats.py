@@ -21,7 +21,11 @@ from typing import Any
 from edgec.errors import InputError
 from edgec.export.size import WeightResolver, _bits_of
 
-__all__ = ["count_macs_params", "graph_summary", "peak_activation_memory"]
+__all__ = ["SUMMARY_KEYS", "count_macs_params", "graph_summary", "peak_activation_memory"]
+
+# the fields graph_summary adds to bench results and report rows
+SUMMARY_KEYS = ("macs", "params", "peak_activation_bytes", "peak_activation_node", "peak_activation_graph",
+                "peak_activation_bytes_onnx_graph")
 
 # compute op -> (inputs that may be stored weights, bias input or None)
 _COMPUTE: dict[str, tuple[tuple[int, ...], int | None]] = {

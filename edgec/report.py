@@ -120,9 +120,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     return "\n".join(lines)
 
 
-_GRAPH_HEAD = ["MMACs", "params", "peak act KB"]
-_GRAPH_NOTE = ("MMACs, params and peak act KB are counted on the exported ONNX graph at batch 1 "
-               "(edgec.export.graph_stats): multiply-accumulates of the conv/matmul nodes, elements of their "
+_GRAPH_HEAD = ["MMACs/item", "params", "peak act KB (batch 1)"]
+_GRAPH_NOTE = ("MMACs/item (per input sample), params and peak act KB are counted on the exported ONNX graph "
+               "at batch 1 (edgec.export.graph_stats): multiply-accumulates of the conv/matmul nodes, elements of their "
                "weights and biases, and the peak of live activation tensors in ONNX Runtime's execution order "
                "(weights not included). ")
 

@@ -323,8 +323,8 @@ def test_bench_results_and_report_carry_graph_stats(convs, tmp_path):
                      **_graph_fields(str(path), b)})
     md = render_markdown(rows, title="t", created="now")
     head = next(ln for ln in md.splitlines() if ln.startswith("| name"))
-    assert head.split(" | ")[-5:-2] == ["MMACs", "params", "peak act KB"]
+    assert head.split(" | ")[-5:-2] == ["MMACs/item", "params", "peak act KB (batch 1)"]
     int8 = next(ln for ln in md.splitlines() if ln.startswith("| int8 "))
     assert "| 0.023 | 676 | 1.2 |" in int8  # 23104 MACs, 676 params, 1280 B
-    assert "MMACs" not in render_markdown([{"name": "x"}], title="t", created="now")  # old rows: no columns
+    assert "MMACs/item" not in render_markdown([{"name": "x"}], title="t", created="now")  # old rows: no columns
     assert json.loads(write_report(tmp_path, rows, title="t")["json"].read_text())["rows"][1]["macs"] == 23104

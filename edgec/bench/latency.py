@@ -255,7 +255,7 @@ def print_bench_table(results: list[dict], console) -> None:
                         f"{str(first.get('provider', '?')).replace('ExecutionProvider', '')}, "
                         f"{first.get('threads', '?')} thread(s), batch {first.get('batch', '?')}{emu})")
     table.add_column("model", overflow="fold", min_width=12)
-    for col in ("p50 ms", "p99 ms", "items/s", "RSS MB", "acc %", "file KB", "wt KB", "MMACs", "act KB"):
+    for col in ("p50 ms", "p99 ms", "items/s", "RSS MB", "acc %", "file KB", "wt KB", "MMACs/item", "act KB b1"):
         table.add_column(col, justify="right")
     for r in results:
         lat = r.get("latency_ms") or {}

@@ -146,8 +146,8 @@ def _node_macs(node, shapes) -> int | None:
     return None
 
 
-def _macs_params(proto) -> dict[str, Any]:
-    shapes = _shapes(proto)
+def _macs_params(proto, shapes=None) -> dict[str, Any]:
+    shapes = _shapes(proto) if shapes is None else shapes
     weights = WeightResolver(proto.graph)
     rows, seen, unknown = [], {}, []
     consumers: dict[str, list] = {}
@@ -328,7 +328,10 @@ def peak_activation_memory(onnx_path_or_proto, batch: int = 1, *, ort_optimized:
     ``graph`` ("onnx" or "ort-extended"), ``batch``.
     """
     proto = _with_batch(_load(onnx_path_or_proto), batch)
-    shapes = _shapes(proto)
+    return _peak(proto, _shapes(proto), batch, ort_optimized, include_inputs)
+
+
+def _peak(proto, shapes, batch: int, ort_optimized: bool, include_inputs: bool = True) -> dict[str, Any]:
     graph_kind = "onnx"
     if ort_optimized:
         opt = _ort_optimized(proto)
@@ -341,10 +344,12 @@ def graph_summary(onnx_path, batch: int = 1) -> dict[str, Any]:
     """The bench/report fields: ``macs``, ``params`` (count_macs_params), ``peak_activation_bytes`` (on
     the graph ORT runs, :func:`peak_activation_memory` with ``ort_optimized=True``),
     ``peak_activation_bytes_onnx_graph`` (on the graph as written) and ``peak_activation_node``."""
-    counts = count_macs_params(onnx_path, batch)
-    written = peak_activation_memory(onnx_path, batch)
+    proto = _with_batch(_load(onnx_path), batch)
+    shapes = _shapes(proto)
+    counts = _macs_params(proto, shapes)
+    written = _peak(proto, shapes, batch, False)
     try:
-        run = peak_activation_memory(onnx_path, batch, ort_optimized=True)
+        run = _peak(proto, shapes, batch, True)
     except Exception:  # noqa: BLE001 -- ORT cannot load it here: the graph as written is all we have
         run = written
     return {"macs": counts["macs"], "params": counts["params"], "peak_activation_bytes": run["peak_bytes"],

@@ -305,7 +305,15 @@ def _row(name: str, which: str, info: dict, b: dict | None, bits: str, sparsity:
            "device": b.get("target")}
     if b.get("accuracy_by_group"):
         row["accuracy_by_group"] = b["accuracy_by_group"]
+    row.update(_graph_fields(info["path"], b))
     return row
+
+
+def _graph_fields(path: str, b: dict) -> dict:
+    """MACs, params and peak activation memory of the exported graph (the bench's, or counted here)."""
+    from edgec.export.graph_stats import SUMMARY_KEYS, graph_summary
+
+    return {k: b[k] for k in SUMMARY_KEYS} if all(k in b for k in SUMMARY_KEYS) else graph_summary(path)
 
 
 def _interleaved_latency(rows: list[dict], recipe: Recipe, ex, console) -> dict:

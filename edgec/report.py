@@ -67,8 +67,9 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
     batches = sorted({r.get("batch") for r in rows if r.get("batch")})
     bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "see batch column"
     fid = any(r.get("fidelity_top1") is not None for r in rows)
+    graph = any(r.get("macs") is not None for r in rows)  # MACs / params / peak memory of the ONNX graph
     head = ["name", "format", "bits", "accuracy %", *(["fidelity %"] if fid else []), f"p50 ms ({bdesc})", "speed-up vs first",
-            "file KB", "deployed weight KB", "sparsity %", "params nonzero"]
+            "file KB", "deployed weight KB", *(_GRAPH_HEAD if graph else []), "sparsity %", "params nonzero"]
     targets = any(r.get("device") for r in rows)  # where each row was measured (bench --remote / bench.remote)
     if targets:
         head.append("measured on")
@@ -89,6 +90,7 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
             speedup,
             _fmt(r.get("file_bytes"), ".1f", 1 / 1024),
             _fmt(r.get("weight_bytes_deployed"), ".2f", 1 / 1024),
+            *(_graph_cells(r) if graph else []),
             _fmt(r.get("sparsity"), ".1f", 100.0),
             DASH if nz is None else f"{int(nz):,}",
         ]
@@ -103,6 +105,7 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
          "Speed-up = p50 latency of the first row / p50 latency of this row. ") +
         "Deployed weight KB = non-zero weights and biases at their deployed bit width "
         "(sparse index overhead not included); file KB = size of the artifact on disk. "
+        + (_GRAPH_NOTE if graph else "")
         + ("Fidelity = top-1 agreement of the artifact with the FP32 input model on the parity samples "
            "(output SQNR in dB). " if fid else "") +
         f"{DASH} = not measured.",
@@ -115,6 +118,19 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
                   "on the same device; an emulated device's latency is not a device speed.", ""]
     lines += _group_sections(rows)
     return "\n".join(lines)
+
+
+_GRAPH_HEAD = ["MMACs/item", "params", "peak act KB (batch 1)"]
+_GRAPH_NOTE = ("MMACs/item (per input sample), params and peak act KB are counted on the exported ONNX graph "
+               "at batch 1 (edgec.export.graph_stats): multiply-accumulates of the conv/matmul nodes, elements of their "
+               "weights and biases, and the peak of live activation tensors in ONNX Runtime's execution order "
+               "(weights not included). ")
+
+
+def _graph_cells(r: dict) -> list[str]:
+    params = r.get("params")
+    return [_fmt(r.get("macs"), ".3f", 1e-6), DASH if params is None else f"{int(params):,}",
+            _fmt(r.get("peak_activation_bytes"), ".1f", 1 / 1024)]
 
 
 def _speedup_cell(r: dict, base: float | None, lat: float | None) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.export.graph_stats import graph_summary
 from edgec.export.size import onnx_weight_stats
 from edgec.errors import BudgetExceeded, InputError
 
@@ -228,6 +229,7 @@ def bench(
         "params_total": stats["params_total"],
         "sparsity": stats["sparsity"],
         "bits": stats["bits"],
+        **graph_summary(model),  # macs, params, peak_activation_bytes: counted on the ONNX graph, batch 1
         "budget_ms": budget_ms,
         "target": target_label(device),
         "emulated": bool(device.get("emulated")),
@@ -253,7 +255,7 @@ def print_bench_table(results: list[dict], console) -> None:
                         f"{str(first.get('provider', '?')).replace('ExecutionProvider', '')}, "
                         f"{first.get('threads', '?')} thread(s), batch {first.get('batch', '?')}{emu})")
     table.add_column("model", overflow="fold", min_width=12)
-    for col in ("p50 ms", "p99 ms", "items/s", "RSS MB", "acc %", "file KB", "wt KB"):
+    for col in ("p50 ms", "p99 ms", "items/s", "RSS MB", "acc %", "file KB", "wt KB", "MMACs/item", "act KB b1"):
         table.add_column(col, justify="right")
     for r in results:
         lat = r.get("latency_ms") or {}
@@ -265,5 +267,7 @@ def print_bench_table(results: list[dict], console) -> None:
             num(r.get("throughput_per_s"), ",.0f"), num(r.get("peak_rss_mb"), ".0f"),
             "—" if acc is None else f"{100 * acc:.2f}",
             num(None if fb is None else fb / 1024, ".1f"), num(None if wb is None else wb / 1024, ".1f"),
+            num(None if r.get("macs") is None else r["macs"] / 1e6, ".3f"),
+            num(None if r.get("peak_activation_bytes") is None else r["peak_activation_bytes"] / 1024, ".1f"),
         )
     console.print(table)

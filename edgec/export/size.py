@@ -15,7 +15,7 @@ import numpy as np
 
 from edgec.errors import InputError
 
-__all__ = ["onnx_weight_stats"]
+__all__ = ["WeightResolver", "onnx_weight_stats"]
 
 # ops whose weight inputs are counted: op -> (weight input indices, bias input index or None)
 _WEIGHT_OPS: dict[str, tuple[tuple[int, ...], int | None]] = {
@@ -85,58 +85,34 @@ def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int
     return q - zf
 
 
-def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Count the weights of Conv/ConvTranspose/Gemm/MatMul in an ONNX file at deployed bit width.
 
-    A weight is an initializer (or Constant) feeding the op directly, through a DequantizeLinear
-    (its stored int8/uint8/int4 tensor counts, with the zero point as "zero"), through
-    QuantizeLinear->DequantizeLinear (counted at the quantized type's width), or through
-    layout ops (Transpose/Reshape/Cast/Clip/...). Bias inputs (third input of Conv/ConvTranspose/
-    Gemm) are counted at 32 bits. Parameters of normalisations left in the graph (BatchNormalization
-    scale/bias/mean/variance, Instance-/LayerNormalization scale/bias) count as stored (float32), and
-    so do the int8 scale/shift of quantized norms (DequantizeLinear of an initializer feeding Mul/Add).
-    Each tensor is counted once even if shared.
+class WeightResolver:
+    """The stored tensor behind a weight input of one graph: an initializer (or Constant) feeding the
+    input directly, through DequantizeLinear, QuantizeLinear->DequantizeLinear or layout ops
+    (:data:`_PASS_THROUGH`). Shared by :func:`onnx_weight_stats` and :mod:`edgec.export.graph_stats`."""
 
-    Returns ``params_nonzero``, ``params_total``, ``sparsity`` (1 - nonzero/total),
-    ``weight_bytes_deployed`` (sum over tensors of ceil(nonzero * bits / 8); index overhead
-    not included), ``sparse_index_bytes`` (a 1-bit-per-position bitmask, ceil(size/8), for each
-    counted tensor that has any zero), ``qparam_bytes`` (scales/zero points of the counted
-    DequantizeLinear nodes, stated separately) and ``bits`` ({tensor name: bits}).
-    """
-    import onnx
-    from onnx import numpy_helper
+    def __init__(self, graph):
+        self.consts: dict[str, Any] = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, Any] = {}
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.consts[node.output[0]] = attr.t
+        self._cache: dict[str, np.ndarray] = {}
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(
-            f"model file {str(path)!r} does not exist",
-            hint="pass the path of an exported .onnx file (edgec export RUN_DIR writes one)",
-        )
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise InputError(f"could not read {str(path)!r} as an ONNX model: {e}") from e
-    graph = model.graph
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
 
-    consts: dict[str, Any] = {t.name: t for t in graph.initializer}
-    producer: dict[str, Any] = {}
-    for node in graph.node:
-        for out in node.output:
-            producer[out] = node
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = attr.t
+        if name not in self._cache:
+            self._cache[name] = numpy_helper.to_array(self.consts[name])
+        return self._cache[name]
 
-    cache: dict[str, np.ndarray] = {}
-
-    def array(name: str) -> np.ndarray:
-        if name not in cache:
-            cache[name] = numpy_helper.to_array(consts[name])
-        return cache[name]
-
-    def resolve(name: str):
-        """-> (tensor name, values, zero point or None, bits, qparam names) or None."""
+    def resolve(self, name: str):
+        """-> (tensor name, values, zero point or None, bits, qparam names) or None (not a stored weight)."""
+        consts, producer = self.consts, self.producer
         seen = 0
         while name not in consts:
             node = producer.get(name)
@@ -144,14 +120,15 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
             if node is None or seen > 32:
                 return None
             if node.op_type == "DequantizeLinear":
-                return resolve_dq(node)
+                return self._resolve_dq(node)
             if node.op_type in _PASS_THROUGH and node.input:
                 name = node.input[0]
                 continue
             return None
-        return name, array(name), None, _bits_of(consts[name].data_type), []
+        return name, self.array(name), None, _bits_of(consts[name].data_type), []
 
-    def resolve_dq(node):
+    def _resolve_dq(self, node):
+        consts, producer, array = self.consts, self.producer, self.array
         inputs = list(node.input) + ["", ""]
         x_name, s_name, zp_name = inputs[0], inputs[1], inputs[2]
         qparams = [n for n in (s_name, zp_name) if n and n in consts]
@@ -167,7 +144,7 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
                 # float weight quantized in the graph (not constant-folded): count the values
                 # it quantizes to, zero where equal to the zero point
                 q_in = list(p.input) + ["", ""]
-                inner = resolve(q_in[0])
+                inner = self.resolve(q_in[0])
                 if inner is None:
                     return None
                 name_, vals, _, _, _ = inner
@@ -187,6 +164,42 @@ def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
         zp = array(zp_name) if zp_name and zp_name in consts else None
         zp = _broadcastable(zp, vals, _axis(node)) if zp is not None and np.any(zp != 0) else None
         return src, vals, zp, _bits_of(consts[src].data_type), qparams
+
+
+def onnx_weight_stats(path: str | os.PathLike) -> dict[str, Any]:
+    """Count the weights of Conv/ConvTranspose/Gemm/MatMul in an ONNX file at deployed bit width.
+
+    A weight is an initializer (or Constant) feeding the op directly, through a DequantizeLinear
+    (its stored int8/uint8/int4 tensor counts, with the zero point as "zero"), through
+    QuantizeLinear->DequantizeLinear (counted at the quantized type's width), or through
+    layout ops (Transpose/Reshape/Cast/Clip/...). Bias inputs (third input of Conv/ConvTranspose/
+    Gemm) are counted at 32 bits. Parameters of normalisations left in the graph (BatchNormalization
+    scale/bias/mean/variance, Instance-/LayerNormalization scale/bias) count as stored (float32), and
+    so do the int8 scale/shift of quantized norms (DequantizeLinear of an initializer feeding Mul/Add).
+    Each tensor is counted once even if shared.
+
+    Returns ``params_nonzero``, ``params_total``, ``sparsity`` (1 - nonzero/total),
+    ``weight_bytes_deployed`` (sum over tensors of ceil(nonzero * bits / 8); index overhead
+    not included), ``sparse_index_bytes`` (a 1-bit-per-position bitmask, ceil(size/8), for each
+    counted tensor that has any zero), ``qparam_bytes`` (scales/zero points of the counted
+    DequantizeLinear nodes, stated separately) and ``bits`` ({tensor name: bits}).
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"model file {str(path)!r} does not exist",
+            hint="pass the path of an exported .onnx file (edgec export RUN_DIR writes one)",
+        )
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise InputError(f"could not read {str(path)!r} as an ONNX model: {e}") from e
+    graph = model.graph
+
+    weights = WeightResolver(graph)
+    consts, producer, array, resolve = weights.consts, weights.producer, weights.array, weights.resolve
 
     counted: dict[str, dict[str, Any]] = {}
     qparam_names: set[str] = set()

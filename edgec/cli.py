@@ -168,6 +168,58 @@ def bench(
         raise err
 
 
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def analyze(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="run directory of `edgec compress` (its FP32 input model, data and recipe)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="instead of RUN_DIR: a model SPEC (zoo name, path/to/file.py:factory, package.module:factory)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="with --model: data SPEC (eval split measured, train split calibrates)")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="with --model: its state_dict (weights_only=True)")] = None,
+    recipe: Annotated[str, typer.Option(help="with --model: the recipe whose quantization settings are analysed")] = "ptq-int8",
+    samples: Annotated[int, typer.Option(min=1, help="held-out eval samples measured (seeded, class-stratified)")] = 1000,
+    calibration_samples: Annotated[int, typer.Option(min=1, help="calibration samples per variant (PTQ, from the train split)")] = 256,
+    layers: Annotated[Optional[str], typer.Option(help="analyse only the layers matching this glob, e.g. 'layer3.*'")] = None,
+    ort: Annotated[bool, typer.Option("--ort", help="measure each variant's exported ONNX in ONNX Runtime (slower) instead of the PyTorch simulation")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="write sensitivity.json and sensitivity.png into this folder")] = None,
+    trust_model_file: Annotated[bool, typer.Option(help="re-import the run's file.py model even if it changed since the run (runs its code!)")] = False,
+):
+    """Per-layer quantization sensitivity: accuracy drop and KL vs FP32 with only layer i quantized, and with
+    only layer i left float (each variant PTQ-calibrated as the exporter would write it)."""
+    from edgec.errors import InputError
+    from edgec.sensitivity import analyze_model, analyze_run, print_sensitivity, write_sensitivity
+
+    console = _console()
+    if (run_dir is None) == (model is None):
+        raise InputError("give either RUN_DIR or --model (with --data), not both or neither",
+                         hint="edgec analyze runs/mine   or   edgec analyze --model digits_cnn --weights w.pt --data digits")
+
+    def progress(i, n, name):
+        console.print(f"[dim]{i + 1}/{n} {name}[/]")
+
+    if run_dir is not None:
+        res = analyze_run(run_dir, samples=samples, calibration_samples=calibration_samples, layers=layers, ort=ort,
+                          trust_model_file=trust_model_file, progress=progress)
+    else:
+        if data is None:
+            raise InputError("--model needs --data", hint="e.g. --data digits")
+        from edgec.data import load_data
+        from edgec.recipe import load_recipe
+        from edgec.runs import build_model
+
+        rec = load_recipe(recipe)
+        if weights is None:
+            console.print("[yellow]no --weights given: analysing a randomly initialised model[/]")
+        bundle = load_data(data, seed=rec.seed, max_eval=samples)
+        net = build_model(model, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0], weights=weights,
+                          trust_pickle=False)
+        res = analyze_model(net, bundle, recipe=rec, samples=samples, calibration_samples=calibration_samples,
+                            layers=layers, ort=ort, seed=rec.seed, progress=progress)
+    print_sensitivity(res, console)
+    if out is not None:
+        paths = write_sensitivity(res, out)
+        console.print(f"wrote {paths['json']} and {paths['png']}")
+
+
 @app.command()
 def profile(
     models: Annotated[list[Path], typer.Argument(help="one or more .onnx files (e.g. RUN/export/model_fp32.onnx "

@@ -170,6 +170,9 @@ def load_inputs(req: CompressRequest, *, model=None, data=None, recipe: Recipe |
     from edgec.capture import example_from_data
 
     check_byte_budgets(recipe, model, example_from_data(data))
+    from edgec.quant.precision import check_recipe_layers
+
+    check_recipe_layers(recipe, model)  # a `layers:` glob that names no layer: refused before any training
     if data.num_classes < 2:  # one class "trains" to 100 % accuracy and measures nothing
         from edgec.errors import DataError
 

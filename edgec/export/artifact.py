@@ -25,15 +25,20 @@ def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=N
     from edgec.export.onnx_export import export_onnx
 
     out = Path(out)
+    from edgec.quant.precision import layer_precision
+
     res = export_onnx(model, tuple(run["input_shape"]), out, opset=opset)
+    precision = layer_precision(model)  # per conv/linear layer: float or its bits ({} for a float model)
     # class names (and an audio model's front end) travel inside the file to the device runner
-    write_model_metadata(out, classes=run.get("classes"), normalization=run.get("normalization"))
+    write_model_metadata(out, classes=run.get("classes"), normalization=run.get("normalization"),
+                         layer_precision=precision)
     parity = check_export(model, out, parity_x)
     stats = onnx_weight_stats(out)
     info = {"path": str(out), "quantized": res.quantized, "opset": opset, "parity": parity.as_dict(),
             "file_bytes": out.stat().st_size, "weight_bytes_deployed": stats["weight_bytes_deployed"],
             "sparse_index_bytes": stats["sparse_index_bytes"], "params_nonzero": stats["params_nonzero"],
-            "params_total": stats["params_total"], "weights": res.weight_tensors}
+            "params_total": stats["params_total"], "weights": res.weight_tensors,
+            "layer_precision": precision}
     atomic_write_text(out.with_suffix(".check.json"), json.dumps(info, indent=2))
     if console is not None:
         _print_check(console, out, info, parity)
@@ -50,5 +55,8 @@ def _print_check(console, out: Path, info: dict, parity) -> None:
         f"{dict(parity.integer_ops) or ''}; file {info['file_bytes'] / 1024:.1f} KB, "
         f"deployed weights {info['weight_bytes_deployed'] / 1024:.1f} KB "
         f"(+{info['sparse_index_bytes'] / 1024:.1f} KB sparse bitmask), {info['params_nonzero']:,} non-zero params")
+    kept = [n for n, p in (info.get("layer_precision") or {}).items() if p.get("float")]
+    if kept:
+        console.print(f"layers kept float: {', '.join(kept)}")
     if not ok:
         console.print("[red]warning: exported model disagrees with PyTorch on more than 1% of samples[/]")

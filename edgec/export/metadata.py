@@ -3,7 +3,8 @@
 Keys (JSON values, read by :func:`edgec.runtime.model_metadata` through ONNX Runtime alone):
 ``edgec.classes`` (class names in logit order), ``edgec.frontend`` (the audio front end,
 :class:`edgec.runtime.audio.LogMelConfig` fields) and ``edgec.normalization`` (mean/std applied to
-the log-mel). ``edgec export`` writes them for every exported model.
+the log-mel); for a quantized model ``edgec.layer_precision`` (each conv/linear layer: float, or its
+weight / input / output bits). ``edgec export`` writes them for every exported model.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ __all__ = ["read_model_metadata", "write_model_metadata"]
 
 
 def write_model_metadata(path: str | os.PathLike, *, classes: Sequence[str] | None = None,
-                         normalization: dict | None = None, frontend: LogMelConfig | dict | None = None) -> dict:
+                         normalization: dict | None = None, frontend: LogMelConfig | dict | None = None,
+                         layer_precision: dict | None = None) -> dict:
     """Store class names and the audio front end in an exported ONNX file's ``metadata_props``.
 
     Keys (JSON values): ``edgec.classes`` (class names in logit order), ``edgec.frontend``
@@ -43,6 +45,8 @@ def write_model_metadata(path: str | os.PathLike, *, classes: Sequence[str] | No
             entries[META_NORMALIZATION] = json.dumps(
                 {"mean": [float(v) for v in normalization["mean"]],
                  "std": [float(v) for v in normalization.get("std", [1.0] * len(normalization["mean"]))]})
+    if layer_precision:
+        entries["edgec.layer_precision"] = json.dumps(layer_precision, sort_keys=True)
     model = onnx.load(os.fspath(path))
     kept = [(p.key, p.value) for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]

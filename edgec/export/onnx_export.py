@@ -276,7 +276,7 @@ _INTEGER_INPUTS = {"Conv": (0,), "Gemm": (0,), "MatMul": (0,), "Add": (0, 1), "M
                    "Concat": None, "Sigmoid": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,)}
 
 
-def _requantize_shape_ops(model_proto) -> int:
+def _requantize_shape_ops(model_proto, quantized_weights=None) -> int:
     """Give an integer-capable op fed by DQ -> (Flatten|Reshape|MaxPool|Transpose|Split|Pad...) its
     own Q/DQ pair: one pair per source tensor, shared by all its consumers (SSA).
 
@@ -291,6 +291,9 @@ def _requantize_shape_ops(model_proto) -> int:
     done: dict[str, str] = {}  # source tensor -> its re-quantized name
     pairs: list[tuple[object, list]] = []  # (producer node, [Q, DQ]) to insert after it
     for node in list(g.node):
+        if (quantized_weights is not None and node.op_type in ("Conv", "Gemm") and len(node.input) > 1
+                and node.input[1] not in quantized_weights):
+            continue  # a layer kept float (`layers:` override): its input is not re-quantized for it
         positions = _INTEGER_INPUTS.get(node.op_type, ())
         if positions is None:
             positions = range(len(node.input))
@@ -318,6 +321,34 @@ def _requantize_shape_ops(model_proto) -> int:
         for k, n in enumerate(new):
             g.node.insert(idx + k, n)
     return len(pairs)
+
+
+def _keep_float_compute(proto) -> int:
+    """A Conv/Gemm kept float (a `layers:` override; float weight initializer) that reads a DequantizeLinear
+    gets a bound-less ``Clip`` (the identity) in front of it. Otherwise ONNX Runtime's WeightBiasQuantization
+    (DQ -> Conv(float W) -> [Relu] -> Q) quantizes its weight itself, per tensor to the full int8 range, and
+    runs it as QLinearConv: neither float nor the simulated model (and saturating on x86 without VNNI).
+    Returns the number of layers so guarded."""
+    from onnx import helper
+
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    guards = []
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        walk = producer.get(node.input[0])
+        while walk is not None and walk.op_type in _SHAPE_OPS:  # ORT moves DQ forward through these
+            walk = producer.get(walk.input[0])
+        if walk is None or walk.op_type != "DequantizeLinear":
+            continue
+        out = node.input[0] + "_float"
+        guards.append((node, helper.make_node("Clip", [node.input[0]], [out], name=f"{node.name}_keep_float")))
+        node.input[0] = out
+    for node, clip in guards:
+        g.node.insert(list(g.node).index(node), clip)
+    return len(guards)
 
 
 def _shapes_from_quantized(proto) -> int:
@@ -375,8 +406,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, op
                               do_constant_folding=True)
         proto = onnx.load(tmp)
         if quantized:
-            _requantize_shape_ops(proto)
+            _requantize_shape_ops(proto, quantized_weights=set(wq))
             info = _integerize(proto, wq)
+            _keep_float_compute(proto)
             _shapes_from_quantized(proto)
         else:
             info = {}

@@ -36,8 +36,10 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from edgec.errors import InputError
-from edgec.quant.modules import (QUANT_MODULES, ActQuant, QChannelAffine, QConv1d, QConv2d, QLinear,
-                                 set_input_quantizer)
+from edgec.quant.modules import QUANT_MODULES, ActQuant, QChannelAffine, QConv1d, QConv2d, QLinear
+from edgec.quant.points import place_points
+from edgec.quant.precision import LayerOverride, layer_precision, resolve_precision
+from edgec.quant.graph import _BN, _CONV, _conv_bn, _module, _set_module
 from edgec.quant.quantizers import Quantizer, make_quantizer
 from edgec.targets import TargetProfile
 
@@ -59,34 +61,27 @@ class QuantSpec:
     # BatchNorms that cannot be folded into a conv (SubSpectralNorm's): None leaves them float;
     # 2-8 turns each into a QChannelAffine (scale and shift on a symmetric per-tensor grid of that many bits)
     norm_bits: int | None = None
+    # per-layer precision by module-name glob, first match wins (edgec.quant.precision)
+    layers: tuple[LayerOverride, ...] = ()
 
 
 @dataclass
 class QuantReport:
     quantized: list[str] = field(default_factory=list)
-    left_float: list[str] = field(default_factory=list)
+    left_float: list[str] = field(default_factory=list)  # unsupported layers left in float
     act_points: int = 0
     quantized_norms: list[str] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)  # conv/linear layers a `layers:` override keeps float
+    precision: dict = field(default_factory=dict)  # edgec.quant.precision.layer_precision
 
     def as_dict(self) -> dict:
         return {"quantized_layers": self.quantized, "float_layers": self.left_float,
-                "activation_quant_points": self.act_points, "quantized_norms": self.quantized_norms}
-
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_CONV = (nn.Conv1d, nn.Conv2d)
+                "activation_quant_points": self.act_points, "quantized_norms": self.quantized_norms,
+                "kept_float_layers": self.kept_float, "layer_precision": self.precision}
 _NO_PARAM_OK = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.SiLU,
                 nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.ConstantPad1d, nn.ConstantPad2d, nn.ZeroPad2d,
                 nn.ChannelShuffle)
-# shape-only ops: values stay on their input's grid (the exporter re-quantizes after them, exactly)
-_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
-                 nn.ConstantPad1d, nn.ConstantPad2d, nn.ZeroPad2d, nn.ChannelShuffle)
-_PASS_FUNCS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout, F.pad, torch.transpose, torch.reshape,
-               torch.permute, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, operator.getitem,
-               F.channel_shuffle, torch.channel_shuffle}
-_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "transpose", "permute", "chunk", "split",
-                 "squeeze", "unsqueeze"}
 
 
 def trace(model: nn.Module, example_inputs=None) -> fx.GraphModule:
@@ -95,18 +90,6 @@ def trace(model: nn.Module, example_inputs=None) -> fx.GraphModule:
     from edgec.capture import capture
 
     return capture(model, example_inputs)
-
-
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op == "call_module":
-        return gm.get_submodule(str(node.target))
-    return None
-
-
-def _set_module(gm: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, attr, new)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
@@ -159,84 +142,6 @@ def decompose_hardswish(gm: fx.GraphModule) -> int:
     return done
 
 
-def _conv_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A BatchNorm node that directly follows a conv/linear which it is the only user of."""
-    if not isinstance(_module(gm, node), _BN) or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    prev = node.args[0]
-    return len(prev.users) == 1 and isinstance(_module(gm, prev), (*_CONV, nn.Linear))
-
-
-def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """ReLU or ReLU6 right after a layer: the quantization point goes after it (its grid then starts at 0,
-    and ORT folds the Relu/Clip into the integer kernel: ClipQuantFusion), not between layer and clip."""
-    return (isinstance(_module(gm, n), (nn.ReLU, nn.ReLU6))
-            or (n.op == "call_function" and n.target in (F.relu, torch.relu, F.relu6))
-            or (n.op == "call_method" and n.target == "relu"))
-
-
-def _is_shape_value(n) -> bool:
-    """A traced Python number (from ``x.size()``, ``x.shape``, ``x.dim()`` and arithmetic on them)."""
-    if not isinstance(n, fx.Node):
-        return False
-    if n.op == "call_method" and n.target in ("size", "dim", "numel"):
-        return True
-    if n.op == "call_function" and n.target is getattr:
-        return True
-    if n.op == "call_function" and n.target in (operator.getitem, operator.add, operator.sub, operator.mul,
-                                                operator.floordiv, operator.truediv):
-        return any(_is_shape_value(a) for a in n.args)
-    return False
-
-
-def _two_tensors(n: fx.Node) -> bool:
-    ops = n.args[:2]
-    return (len(ops) == 2 and all(isinstance(a, fx.Node) for a in ops)
-            and not any(_is_shape_value(a) for a in ops))
-
-
-def _is_add(n: fx.Node) -> bool:
-    is_add = ((n.op == "call_function" and n.target in (operator.add, torch.add))
-              or (n.op == "call_method" and n.target in ("add", "__add__")))
-    return is_add and _two_tensors(n)
-
-
-def _is_avgpool(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return (isinstance(_module(gm, n), (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d))
-            or (n.op == "call_function" and n.target in (F.adaptive_avg_pool2d, F.avg_pool2d,
-                                                          F.adaptive_avg_pool1d, F.avg_pool1d)))
-
-
-def _is_mul(n: fx.Node) -> bool:
-    is_mul = ((n.op == "call_function" and n.target in (operator.mul, torch.mul))
-              or (n.op == "call_method" and n.target in ("mul", "__mul__")))
-    return is_mul and _two_tensors(n)
-
-
-def _is_cat(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in (torch.cat, torch.concat)
-
-
-_GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish)
-_GATE_FUNCS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.hardswish}
-
-
-def _is_integer_elementwise(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Ops whose output gets its own quantization point so ORT keeps the tensor in integer:
-    Concat (QLinearConcat), a product of two tensors (QLinearMul, squeeze-excite gating), Sigmoid
-    (QLinearSigmoid); HardSigmoid/HardSwish run in float between Q/DQ in ORT, but their outputs feed
-    integer kernels (QLinearMul, QLinearConv) that need a grid of their own."""
-    return (_is_cat(n) or _is_mul(n) or isinstance(_module(gm, n), _GATES)
-            or (n.op == "call_function" and n.target in _GATE_FUNCS)
-            or (n.op == "call_method" and n.target == "sigmoid"))
-
-
-def _is_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return (isinstance(_module(gm, n), _PASS_MODULES)
-            or (n.op == "call_function" and n.target in _PASS_FUNCS)
-            or (n.op == "call_method" and n.target in _PASS_METHODS))
-
-
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Leaf modules holding parameters that quantization does not cover."""
     out = []
@@ -272,100 +177,32 @@ def quantize_model(model: nn.Module, spec: QuantSpec, target: TargetProfile,
     report.left_float = bad
 
     layer_nodes = [n for n in gm.graph.nodes if isinstance(_module(gm, n), (*_CONV, nn.Linear))]
-    for i, node in enumerate(layer_nodes):
-        layer = _module(gm, node)
-        bits = spec.weight_bits
-        if i == 0 and spec.first_layer_bits:
-            bits = spec.first_layer_bits
-        if i == len(layer_nodes) - 1 and spec.last_layer_bits:
-            bits = spec.last_layer_bits
-        qmin, qmax = target.weight_range(bits)
+    precision = resolve_precision([str(n.target) for n in layer_nodes], spec)
+    float_nodes, explicit = set(), {}
+    for node in layer_nodes:
+        layer, p = _module(gm, node), precision[str(node.target)]
+        if p.keep_float:  # a `layers:` override: stays nn.Conv*/nn.Linear, a float Conv/Gemm in ONNX
+            float_nodes.add(node)
+            report.kept_float.append(str(node.target))
+            continue
+        qmin, qmax = target.weight_range(p.weight_bits)
         wq = make_quantizer(spec.weight_quantizer, qmin=qmin, qmax=qmax, per_channel=True,
                             channels=layer.weight.shape[0], percentile=spec.percentile,
                             lsq_init=spec.lsq_init)
         cls = QConv2d if isinstance(layer, nn.Conv2d) else QConv1d if isinstance(layer, nn.Conv1d) else QLinear
-        _set_module(gm, str(node.target), cls.from_float(layer, wq))
+        q = cls.from_float(layer, wq)
+        q.weight_bits = p.weight_bits
+        _set_module(gm, str(node.target), q)
         report.quantized.append(str(node.target))
+        if p.act_bits is not None:
+            explicit[node] = p.act_bits
 
-    last = layer_nodes[-1] if layer_nodes else None
-    counter = iter(range(10**6))
-
-    def act_bits_for(src: fx.Node) -> int:
-        if src is last and spec.last_layer_bits:
-            return spec.last_layer_bits
-        return spec.act_bits
-
-    def insert_after(src: fx.Node, bits: int) -> fx.Node:
-        """One quantization point on ``src`` (all its users read it). Its grid -- signedness, range,
-        zero point -- is decided by calibration data (ActQuant.set_grid_from_stats), not here; until
-        then it holds the target's signed grid."""
-        qmin, qmax = target.act_range(bits, True)
-        aq = ActQuant(make_quantizer(spec.act_quantizer, qmin=qmin, qmax=qmax, per_channel=False,
-                                     percentile=spec.percentile, lsq_init=spec.lsq_init),
-                      container=target.act_container, zero_point=target.act_zero_point(True),
-                      target=target, bits=bits)
-        name = f"aq_{next(counter)}"
-        gm.add_submodule(name, aq)
-        with gm.graph.inserting_after(src):
-            new = gm.graph.call_module(name, (src,))
-        src.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-        report.act_points += 1
-        return new
-
-    def quantized_source(n) -> fx.Node | None:
-        """The ActQuant ``n`` reads through shape-only ops, if any."""
-        while isinstance(n, fx.Node) and not isinstance(_module(gm, n), ActQuant) and _is_pass(gm, n):
-            n = n.args[0]
-        return n if isinstance(n, fx.Node) and isinstance(_module(gm, n), ActQuant) else None
-
-    # 1. quantization points on the outputs of what runs as an integer kernel in ORT
-    for node in list(gm.graph.nodes):
-        if node.op == "placeholder":
-            insert_after(node, spec.first_layer_bits or spec.act_bits)
-        elif isinstance(_module(gm, node), QUANT_MODULES) or _is_add(node):
-            end = node
-            users = list(end.users)
-            if len(users) == 1 and str(users[0].target) in kept_bn:
-                end = users[0]
-                users = list(end.users)
-            if len(users) == 1 and _is_relu(gm, users[0]):
-                end = users[0]
-            insert_after(end, act_bits_for(node))
-        elif _is_avgpool(gm, node):
-            insert_after(node, spec.act_bits)
-        elif _is_integer_elementwise(gm, node):
-            # only between integer tensors: concat / SE gating / gates whose every input is already on a
-            # grid, so integer kernels are not separated by float islands. Elementwise math inside a
-            # float region (a normalization's d*d, d*rsqrt(var)) stays float: quantizing it only adds
-            # Q/DQ work and error (BC-ResNet's instance norm: 80.6% -> 63.9%, 3x slower)
-            ins = _tensor_inputs(gm, node)
-            if ins and all(quantized_source(a) is not None for a in ins):
-                insert_after(node, spec.act_bits)
-
-    # 2. every quantized layer reads a quantized tensor (through shape-only ops at most); a source
-    #    without a quantization point gets one, shared by all its users
-    for node in list(gm.graph.nodes):
-        if not isinstance(_module(gm, node), QUANT_MODULES):
-            continue
-        if quantized_source(node.args[0]) is None:
-            insert_after(node.args[0], spec.act_bits)
-        set_input_quantizer(_module(gm, node), _module(gm, quantized_source(node.args[0])))
-
+    place_points(gm, spec, target, report, layer_nodes=layer_nodes, float_nodes=float_nodes, explicit=explicit,
+                 kept_bn=kept_bn)
     gm.graph.lint()
     gm.recompile()
+    report.precision = layer_precision(gm)
     return gm, report
-
-
-def _tensor_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
-    """The tensor operands of an op to quantize (each element of a torch.cat list)."""
-    if isinstance(_module(gm, node), QUANT_MODULES):
-        return [node.args[0]]
-    if _is_cat(node):
-        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
-        return [a for a in seq if isinstance(a, fx.Node)]
-    if _is_add(node) or _is_mul(node):
-        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
 
 
 def _quantize_norms(gm: fx.GraphModule, spec: QuantSpec, kept_bn: set[str]) -> list[str]:

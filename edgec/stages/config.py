@@ -62,6 +62,19 @@ class Adversarial(Strict):
     ratio: float = Field(1.0, ge=0, le=1, description="loss = (1-ratio)*clean + ratio*adversarial (1 = pure PGD-AT)")
 
 
+class LayerBits(Strict):
+    """One layer's (or glob's) bits in a quantizing stage's ``layers:`` block; unset fields keep the stage's."""
+
+    weight_bits: int | None = Field(None, ge=2, le=8)
+    act_bits: int | None = Field(None, ge=2, le=8, description="its input and output quantization points")
+
+    @model_validator(mode="after")
+    def _some_bits(self):
+        if self.weight_bits is None and self.act_bits is None:
+            raise ValueError("give weight_bits and/or act_bits (or write `float` to keep the layer in float)")
+        return self
+
+
 class Quant(Strict):
     weight_bits: int = Field(8, ge=2, le=8)
     act_bits: int = Field(8, ge=2, le=8)
@@ -73,3 +86,13 @@ class Quant(Strict):
     lsq_init: Literal["auto", "minmax", "lsq"] = Field(
         "auto", description="LSQ step init: max|x|/Qp (minmax), the paper's 2*mean|x|/sqrt(Qp) (lsq), "
                             "or auto = minmax from 6 bits up")
+    layers: dict[str, Literal["float"] | LayerBits] = Field(
+        default_factory=dict,
+        description="per-layer precision by module-name glob (fnmatch, e.g. 'layer3.*'): `float` or "
+                    "{weight_bits, act_bits}; the first matching glob wins, and it wins over first/last_layer_bits")
+
+    @model_validator(mode="after")
+    def _globs_not_empty(self):
+        if any(not str(k).strip() for k in self.layers):
+            raise ValueError("layers: an empty glob matches no layer; write a module name or glob such as 'layer3.*'")
+        return self

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgec.stages.config import Optim, Quant
 from edgec.stages.registry import register_stage
@@ -73,6 +73,16 @@ class PQKStage(Optim, Quant):
     act_quantizer: Literal["lsq", "ema"] = "lsq"
     lr: float = Field(0.005, gt=0)
     kd_lr: float | None = Field(None, gt=0, description="phase-2 lr (default: lr)")
+
+    @model_validator(mode="after")
+    def _no_float_layers(self):
+        # a float layer keeps its own BatchNorm per path and is not masked in the forward: the student
+        # export (student_state) does not fold that yet, so refuse it rather than export a wrong model
+        bad = [k for k, v in self.layers.items() if v == "float"]
+        if bad:
+            raise ValueError(f"layers: pqk cannot keep layers float yet ({', '.join(bad)}); give them bits "
+                             "(e.g. {weight_bits: 8, act_bits: 8}) or use qat/qkd for float layers")
+        return self
 
 
 class _Route(torch.autograd.Function):

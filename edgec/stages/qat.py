@@ -30,10 +30,12 @@ class QATStage(Optim, Quant):
 
 
 def quant_spec(cfg, weight_quantizer: str, act_quantizer: str, percentile: float = 99.99) -> QuantSpec:
+    from edgec.quant.precision import overrides_from_config
+
     return QuantSpec(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, weight_quantizer=weight_quantizer,
                      act_quantizer=act_quantizer, percentile=percentile, first_layer_bits=cfg.first_layer_bits,
                      last_layer_bits=cfg.last_layer_bits, unsupported=cfg.unsupported, lsq_init=cfg.lsq_init,
-                     norm_bits=getattr(cfg, "norm_bits", None))
+                     norm_bits=getattr(cfg, "norm_bits", None), layers=overrides_from_config(cfg.layers))
 
 
 def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
@@ -43,6 +45,8 @@ def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
     gm = gm.to(ctx.device)
     if report.left_float:
         ctx.log(f"[yellow]left in float (unsupported for quantization): {', '.join(report.left_float)}[/]")
+    if report.kept_float:
+        ctx.log(f"kept float by `layers:`: {', '.join(report.kept_float)}")
     if report.quantized_norms:
         ctx.log(f"unfoldable norms as int{spec.norm_bits} scale + shift: {len(report.quantized_norms)}")
     if not ctx.rebuild:

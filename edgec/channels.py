@@ -30,7 +30,8 @@ from torch import nn
 from edgec.errors import InputError
 
 __all__ = ["TP_IMPORTANCE", "REGISTRY_IMPORTANCE", "count", "protected_layers", "make_importance",
-           "build_pruner", "prune_until", "check_forward", "RegistryImportance", "taylor_gradients"]
+           "build_pruner", "prune_until", "check_forward", "RegistryImportance", "taylor_gradients",
+           "group_error"]
 
 TP_IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
 REGISTRY_IMPORTANCE = ("magnitude", "snip", "fisher", "fisher_w2", "random")
@@ -176,8 +177,9 @@ def build_pruner(model: nn.Module, example: torch.Tensor, importance, *, ignored
     try:
         with _eval_mode(model), torch.enable_grad():
             if bn_reg is not None:
-                return tp.pruner.BNScalePruner(model, example[:1], reg=bn_reg, **kw)
-            return tp.pruner.MetaPruner(model, example[:1], **kw)
+                pruner = tp.pruner.BNScalePruner(model, example[:1], reg=bn_reg, **kw)
+            else:
+                pruner = tp.pruner.MetaPruner(model, example[:1], **kw)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's tracer fails with many exception types
@@ -185,6 +187,34 @@ def build_pruner(model: nn.Module, example: torch.Tensor, importance, *, ignored
                          f"{type(exc).__name__}: {exc}",
                          hint="channel pruning needs a forward of torch ops on tensors; add the layers it "
                               "cannot follow to `ignore:`, or prune this model unstructured (stage prune)") from exc
+    names = {m: n for n, m in model.named_modules()}
+    estimate = pruner.estimate_importance
+
+    def checked_estimate(group):  # Torch-Pruning's index mapping fails here on reshapes it misreads
+        try:
+            return estimate(group)
+        except Exception as exc:  # noqa: BLE001
+            raise group_error(names, group, exc, "ranking") from exc
+
+    pruner.estimate_importance = checked_estimate
+    return pruner
+
+
+def group_error(names: dict[nn.Module, str], group, exc: Exception, what: str) -> InputError:
+    """An InputError naming the layer whose channel group Torch-Pruning failed on, and its coupled layers."""
+    layers = []
+    for dep, _ in group:
+        for mod in (dep.source.module, dep.target.module):
+            n = names.get(mod)
+            if n and n not in layers:
+                layers.append(n)
+    root = layers[0] if layers else "?"
+    return InputError(
+        f"Torch-Pruning failed {what} the output channels of layer {root!r} (coupled with "
+        f"{', '.join(layers[1:]) or 'nothing'}): {type(exc).__name__}: {exc}",
+        hint=f"a view / reshape between these layers probably hard-codes a channel count (e.g. "
+             f"x.view(n, 32, 8)); write it from x.shape or torch.flatten, or keep the layer with "
+             f"`ignore: [\"{root}\"]`")
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -234,7 +264,11 @@ def prune_until(pruner, model: nn.Module, example: torch.Tensor, holds: Callable
             refresh(pruner.current_step)
         before = _shapes(model)
         with _eval_mode(model):
-            pruner.step()
+            for group in pruner.step(interactive=True):
+                try:
+                    group.prune()
+                except Exception as exc:  # noqa: BLE001
+                    raise group_error({m: n for n, m in model.named_modules()}, group, exc, "removing") from exc
         model.zero_grad(set_to_none=True)
         check_forward(model, example, before)
         macs, params = count(model, example)

@@ -122,8 +122,13 @@ class _Pruning:
 
     def note(self, rnd: int, metrics: dict, latency_ms: float | None = None) -> dict:
         macs, params = C.count(self.model, self.example)
+        acc = metrics.get("eval_acc")
+        if acc is None and latency_ms is not None and self.ctx.data.eval is not None:  # the error names it
+            from edgec.engine.evaluation import evaluate
+
+            acc = evaluate(self.model, self.ctx.data.eval, device=self.ctx.device)["accuracy"]
         row = {"round": rnd, "macs": macs, "params": params, "macs_ratio": macs / self.macs0,
-               "eval_acc": metrics.get("eval_acc"), "latency_ms": latency_ms}
+               "eval_acc": acc, "latency_ms": latency_ms}
         self.rounds.append(row)
         self.ctx.record(event="prune_channels_round", **row)
         self.ctx.log(f"channel pruning round {rnd}: MACs {macs:,} ({macs / self.macs0:.3f} of input), params "

@@ -7,6 +7,7 @@
       model_input.pt      the FP32 input model's weights
       checkpoints/        per-stage training checkpoints (atomic, per epoch)
       stages/stageN.pt    model state after stage N (structure: replay the prepares)
+      stages/stageN.arch.json  layer shapes after a stage that changes them (edgec.architecture)
       model_final.pt      compressed model state
       calibration/        calibration-set manifest
       metrics.jsonl       training metrics

@@ -111,3 +111,82 @@ def sparsity_stats(model: nn.Module) -> dict:
             zeros += int((w == 0).sum())
     return {"weights": total, "zeros": zeros, "sparsity": zeros / max(total, 1),
             "prunable_weights": pm_total, "prunable_sparsity": pm_zero / max(pm_total, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# N:M semi-structured sparsity (2:4 for NVIDIA sparse tensor cores)
+#
+# Convention (NVIDIA's: apex ASP ``m4n2_1d``, ModelOpt ``"2:4"``, TensorRT's sparse-weights rule):
+# "N:M" keeps at most N non-zero weights in every group of M consecutive weights along the
+# reduction (input-channel) dimension, so M - N of each group are zero (2:4: two of every four).
+# A Linear weight [O, I] is grouped along I; a conv weight [O, I/g, kh, kw] is read as
+# [O, kh, kw, I/g] (ASP permutes it so) and grouped along I/g: for every output channel and every
+# kernel position, each run of M input channels holds at most N non-zeros. A layer whose I/g is
+# not a multiple of M is left dense (and listed): padding the channels would change the model's
+# shape, and a TensorRT kernel groups the channels it is given, so a padded group would not line
+# up with the one the engine uses.
+
+NM_GROUP_SIZES = (4, 8, 16)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``"N:M"`` -> (N, M), with 0 < N < M and M in NM_GROUP_SIZES; ValueError says what is wrong."""
+    parts = str(text).strip().split(":")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"pattern must be 'N:M' with integers, e.g. '2:4'; got {text!r}") from None
+    if m not in NM_GROUP_SIZES:
+        raise ValueError(f"pattern {text!r}: group size M must be one of {NM_GROUP_SIZES} "
+                         "(NVIDIA sparse tensor cores use 2:4)")
+    if not 0 < n < m:
+        raise ValueError(f"pattern {text!r}: need 0 < N < M (N weights kept of every M)")
+    return n, m
+
+
+def nm_eligible(mod: nn.Module, m: int) -> bool:
+    """The layer's reduction groups fit: input channels per group (weight.shape[1]) divisible by M."""
+    return mod.weight.dim() >= 2 and mod.weight.shape[1] % m == 0
+
+
+def nm_groups(t: Tensor, m: int) -> Tensor:
+    """``t`` [O, I, *k] as rows of M consecutive input-channel entries: shape [O * prod(k) * I / M, M]."""
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+@torch.no_grad()
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """A 0/1 mask shaped like ``scores``: in every group of M it keeps the N highest scores, exactly
+    M - N zeros. Ties are broken by position (a stable sort: the earlier of equal scores is pruned)."""
+    moved = scores.movedim(1, -1)
+    groups = moved.reshape(-1, m)
+    order = torch.argsort(groups, dim=1, stable=True)
+    keep = torch.ones_like(groups, dtype=torch.float32)
+    keep.scatter_(1, order[:, :m - n], 0.0)
+    return keep.reshape(moved.shape).movedim(-1, 1).contiguous().to(scores.dtype)
+
+
+@torch.no_grad()
+def update_nm_masks(layers: list[tuple[str, nn.Module]], n: int, m: int, *,
+                    scores: list[Tensor] | None = None) -> tuple[list[str], list[str]]:
+    """N:M masks on the eligible ``layers`` (magnitude scores unless ``scores``, one per layer).
+
+    Returns (names given the pattern, names left dense because their input channels are not a
+    multiple of M). An existing mask is kept (new mask = N:M mask AND old mask), so a weight pruned
+    before stays pruned: a group then has at least, not exactly, M - N zeros.
+    """
+    ensure_masks(layers)
+    if scores is None:
+        scores = [m_.weight.detach().abs().float() for _, m_ in layers]
+    if len(scores) != len(layers):
+        raise ValueError("update_nm_masks: need one score tensor per layer")
+    patterned, dense = [], []
+    for (name, mod), s in zip(layers, scores):
+        if not nm_eligible(mod, m):
+            dense.append(name)
+            continue
+        old = mod.weight_mask
+        mask = nm_mask(s.to(old.device).float() * old, n, m)
+        mod.weight_mask.copy_(mask * old)
+        patterned.append(name)
+    return patterned, dense

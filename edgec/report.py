@@ -112,6 +112,7 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
         "",
     ]
     lines += _robustness_table(rows)
+    lines += _nm_sparsity_notes(rows)
     if targets:
         lines += ["Measured on: the machine whose onnxruntime timed the row and computed its accuracy; a device's "
                   "rows (NAME @ DEVICE) are timed there in separate runs, their speed-up against the fp32 artifact "
@@ -131,6 +132,22 @@ def _graph_cells(r: dict) -> list[str]:
     params = r.get("params")
     return [_fmt(r.get("macs"), ".3f", 1e-6), DASH if params is None else f"{int(params):,}",
             _fmt(r.get("peak_activation_bytes"), ".1f", 1 / 1024)]
+
+
+def _nm_sparsity_notes(rows: list[dict]) -> list[str]:
+    """One note per row whose artifact carries an N:M pattern: verified on the file, speed not measured
+    (ONNX Runtime's CPU kernels run it dense)."""
+    out = []
+    for r in rows:
+        nm = r.get("nm_sparsity")
+        if not nm:
+            continue
+        state = (f"pattern verified on {nm['verified_layers']} layers" if nm.get("ok") else
+                 f"pattern BROKEN ({nm['verified_layers']} of {nm['expected_layers']} layers verified)")
+        out += [f"{_cell(r.get('name'))}: {nm['pattern']} sparsity: {state}; speed-up needs sparse tensor cores "
+                "(TensorRT on Ampere or newer), not measured here: ONNX Runtime runs the pattern dense, so the "
+                "latency above is the dense one.", ""]
+    return out
 
 
 def _speedup_cell(r: dict, base: float | None, lat: float | None) -> str:

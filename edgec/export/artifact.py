@@ -14,10 +14,13 @@ from edgec.atomic import atomic_write_text
 __all__ = ["export_model"]
 
 
-def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=None) -> dict:
+def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=None, nm=None) -> dict:
     """Export one model to ONNX, run the self-checks, print and return them.
 
     ``run`` is the run's description (``run.json``): ``input_shape``, ``classes``, ``normalization``.
+    ``nm`` (an edgec.export.sparsity.NMExpectation): verify that N:M pattern on the exported weights,
+    record it as ``nm_sparsity`` in the check JSON, and raise ExportError (exit 4) after writing it when
+    a layer that should follow the pattern does not.
     """
     from edgec.export.size import onnx_weight_stats
     from edgec.export.check import check_export
@@ -39,9 +42,17 @@ def export_model(model, run: dict, out: Path, *, opset: int, parity_x, console=N
             "sparse_index_bytes": stats["sparse_index_bytes"], "params_nonzero": stats["params_nonzero"],
             "params_total": stats["params_total"], "weights": res.weight_tensors,
             "layer_precision": precision}
+    if nm is not None:
+        from edgec.export.sparsity import verify_nm
+
+        info["nm_sparsity"] = verify_nm(out, nm)
     atomic_write_text(out.with_suffix(".check.json"), json.dumps(info, indent=2))
     if console is not None:
         _print_check(console, out, info, parity)
+    if nm is not None:
+        from edgec.export.sparsity import check_nm
+
+        check_nm(info["nm_sparsity"], out)
     return info
 
 
@@ -58,5 +69,9 @@ def _print_check(console, out: Path, info: dict, parity) -> None:
     kept = [n for n, p in (info.get("layer_precision") or {}).items() if p.get("float")]
     if kept:
         console.print(f"layers kept float: {', '.join(kept)}")
+    nm = info.get("nm_sparsity")
+    if nm is not None:
+        console.print(f"{nm['pattern']} sparsity: {'pattern' if nm['ok'] else '[red]pattern broken[/]:'} verified on "
+                      f"{nm['verified_layers']}/{nm['expected_layers']} pruned layers of the exported weights")
     if not ok:
         console.print("[red]warning: exported model disagrees with PyTorch on more than 1% of samples[/]")

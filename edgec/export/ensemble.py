@@ -97,4 +97,6 @@ def export_run_ensemble(model, run: dict, recipe, export_dir: Path, *, opset: in
     eed = next(s for s in reversed(recipe.stages) if s.method == "eed")
     return export_ensemble(model, run, Path(export_dir) / ENSEMBLE_DIR, opset=opset, parity_x=parity_x,
                            agree=eed.agree, console=console,
-                           extra_meta={"scores": list(eed.scores), "target_sparsity": eed.target_sparsity})
+                           extra_meta={"scores": list(eed.scores), "structure": eed.structure,
+                                       **({"target_macs": eed.target_macs} if eed.structure == "channel"
+                                          else {"target_sparsity": eed.target_sparsity})})

@@ -7,6 +7,11 @@ Written to TensorRT 10's documented Python API (``tensorrt.Builder`` / ``OnnxPar
 A Q/DQ network carries its own scales, so no calibrator is needed: the INT8 flag lets TensorRT
 pick int8 kernels where Q/DQ says so. Export such models with ``--target tensorrt`` (symmetric
 int8 activations, zero point 0), which TensorRT requires.
+
+Sparse weights: when the file has 2:4-sparse Conv/Gemm weights (edgec's ``prune`` with
+``pattern: "2:4"``; :func:`edgec.export.sparsity.sparse_weights_wanted` decides from the file, no
+TensorRT needed) the builder gets ``BuilderFlag.SPARSE_WEIGHTS``, which lets it pick sparse tensor
+core kernels (Ampere and newer) for the layers whose weights have the pattern.
 """
 from __future__ import annotations
 
@@ -18,12 +23,19 @@ from edgec.errors import ExportError, MissingDependency
 
 
 def build_engine(onnx_path: Path, engine_path: Path, *, int8: bool = True, fp16: bool = True,
-                 workspace_mb: int = 1024, min_batch: int = 1, opt_batch: int = 1, max_batch: int = 32) -> Path:
-    """Parse ``onnx_path`` and serialise an engine to ``engine_path`` (atomically)."""
+                 workspace_mb: int = 1024, min_batch: int = 1, opt_batch: int = 1, max_batch: int = 32,
+                 sparse_weights: bool | None = None) -> Path:
+    """Parse ``onnx_path`` and serialise an engine to ``engine_path`` (atomically).
+
+    ``sparse_weights``: set BuilderFlag.SPARSE_WEIGHTS; None = when the file's weights are 2:4 sparse."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise MissingDependency("tensorrt", "trt") from exc
+    if sparse_weights is None:
+        from edgec.export.sparsity import sparse_weights_wanted
+
+        sparse_weights = sparse_weights_wanted(onnx_path)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -38,6 +50,8 @@ def build_engine(onnx_path: Path, engine_path: Path, *, int8: bool = True, fp16:
         config.set_flag(trt.BuilderFlag.INT8)
     if fp16 and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     profile = builder.create_optimization_profile()
     inp = network.get_input(0)
     shape = list(inp.shape)

@@ -6,6 +6,10 @@ From ONE input model (preferably adversarially trained, e.g. a ``train`` stage w
 1. prepare: K copies of the model in an :class:`Ensemble` (K = ``len(cfg.scores)``).
 2. masks: member k keeps the weights ranked highest by importance score ``cfg.scores[k]``
    (``edgec.importance``: magnitude, taylor, snip, fisher, ...), exactly ``target_sparsity`` pruned.
+   With ``structure: channel`` member k instead loses whole channels (edgec.channels: Torch-Pruning's
+   dependency groups ranked by score k, summed per channel) until its MACs are ``target_macs`` of the
+   input's: every member is physically smaller, and the K scores choose different channels, so the
+   members have different shapes (kept in ``RUN_DIR/stages/stageN.arch.json``, edgec.architecture).
 3. fine-tune all members together with the shared engine on adversarial examples of the *ensemble*
    (PGD by default, pixel-space eps), with the loss of :func:`eed_loss`:
    ``mean_k CE_w(f_k(x_adv), y) + diversity * sim(x_adv) + l1 * sum |w|``, where ``CE_w`` weights
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgec.stages.config import Adversarial, Optim
 from edgec.stages.registry import register_stage
@@ -52,6 +56,12 @@ class EEDStage(Optim):
     scores: list[Literal["magnitude", "taylor", "snip", "fisher", "fisher_w2", "random"]] = Field(
         ["magnitude", "snip", "fisher_w2"], min_length=2, description="one importance score per sub-model (K = len)")
     target_sparsity: float = Field(0.5, ge=0, lt=1, description="unstructured sparsity of each sub-model")
+    structure: Literal["weight", "channel"] = Field(
+        "weight", description="weight: unstructured masks at target_sparsity; channel: whole channels removed "
+                              "(Torch-Pruning) to target_macs, so each member is smaller and faster")
+    target_macs: float = Field(0.5, gt=0, lt=1, description="structure channel: each member's MACs as a ratio "
+                                                            "of the input model's")
+    round_to: int | None = Field(None, ge=1, description="structure channel: keep channel counts multiples of this")
     scope: Literal["global", "layer"] = "global"
     prune_first_last: bool = Field(False, description="also prune the first conv and the classifier")
     importance_batches: int = Field(4, ge=1, description="training batches for the data-aware scores")
@@ -69,6 +79,18 @@ class EEDStage(Optim):
                                                                         "reach (default: full ensemble - tolerance)")
     accuracy_tolerance: float = Field(0.0, ge=0, lt=1)
     agree: int | None = Field(None, ge=2, description="also stop when the first `agree` sub-models agree")
+
+    @model_validator(mode="after")
+    def _structure_settings(self) -> "EEDStage":
+        fields = type(self).model_fields
+        if self.structure == "weight":
+            odd = [k for k in ("target_macs", "round_to") if getattr(self, k) != fields[k].default]
+            if odd:
+                raise ValueError(f"{', '.join(odd)} apply to structure: channel; set it, or remove them")
+        elif self.target_sparsity != fields["target_sparsity"].default:
+            raise ValueError("structure: channel prunes whole channels to target_macs; remove target_sparsity "
+                             "(it is the unstructured members' sparsity)")
+        return self
 
 
 class Ensemble(nn.Module):
@@ -132,7 +154,9 @@ def split_target(y: Tensor, num_classes: int) -> tuple[Tensor, Tensor | None]:
 
 
 def l1_of_kept(net: nn.Module) -> Tensor:
-    return sum(m.weight.abs().sum() for m in P.masked_layers(net))
+    """L1 of the masked layers' weights; of every Conv / Linear when nothing is masked (channel members)."""
+    layers = P.masked_layers(net) or [m for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    return sum(m.weight.abs().sum() for m in layers)
 
 
 def eed_loss(m: nn.Module, x: Tensor, y: Tensor, *, attack: Attack, space: InputSpace, ratio: float,
@@ -181,9 +205,98 @@ def member_probs(model: Ensemble, dataset, device, batch_size: int = 256) -> tup
     return torch.cat(ps, dim=1), torch.cat(ys)
 
 
+def _mask_members(model: Ensemble, cfg, ctx, batches) -> None:
+    """Step 2, unstructured: member k keeps the weights score k ranks highest, exactly target_sparsity pruned."""
+    for k, (score, mem) in enumerate(zip(cfg.scores, model.members)):
+        layers = P.prunable_layers(mem, include_first_last=cfg.prune_first_last)
+        scores = I.compute_scores(score, mem, layers, batches=batches, seed=ctx.seed + k)
+        # weights the input model had already pruned stay pruned (their score is masked to 0)
+        P.update_masks(layers, cfg.target_sparsity, scope=cfg.scope, scores=scores)
+    P.apply_masks(model)
+    pruned = [[m.weight_mask for m in P.masked_layers(mem)] for mem in model.members]
+    overlaps = [I.mask_overlap(pruned[i], pruned[j]) for i in range(len(pruned)) for j in range(i + 1, len(pruned))]
+    ctx.record(event="eed_masks", scores=list(cfg.scores), sparsity=cfg.target_sparsity, pruned_overlap=overlaps)
+    ctx.log(f"eed: {len(cfg.scores)} sub-models ({', '.join(cfg.scores)}) at sparsity {cfg.target_sparsity}; "
+            f"pruned-set overlaps {[round(o, 3) for o in overlaps]}")
+
+
+def _kept_channels(history, sizes: dict) -> dict:
+    """Original indices of the channels Torch-Pruning kept, per (root layer, out?) of its pruning history
+    (each entry's indices are positions in the tensor as it was at that step)."""
+    kept: dict = {}
+    for name, is_out, idxs in history:
+        key = (name, bool(is_out))
+        if key not in sizes:
+            continue
+        drop = {int(i) for i in idxs}
+        kept[key] = [c for j, c in enumerate(kept.get(key, range(sizes[key]))) if j not in drop]
+    return kept
+
+
+def _channel_overlap(a: dict, b: dict, sizes: dict) -> float:
+    """Share of removed channels two members have in common (Jaccard of the removed sets, over all layers)."""
+    inter = union = 0
+    for key in set(a) | set(b):
+        ra = set(range(sizes[key])) - set(a.get(key, range(sizes[key])))
+        rb = set(range(sizes[key])) - set(b.get(key, range(sizes[key])))
+        inter, union = inter + len(ra & rb), union + len(ra | rb)
+    return inter / union if union else 1.0
+
+
+def _shrink_members(model: Ensemble, cfg, ctx, batches) -> None:
+    """Step 2, channels: member k loses the channels score k ranks lowest (Torch-Pruning groups, edgec.channels)
+    until its MACs are at most ``target_macs`` of the input's; the shapes go to the stage's arch record."""
+    from edgec import architecture as A
+    from edgec import channels as C
+    from edgec.capture import example_input
+    from edgec.errors import BudgetExceeded
+
+    example = example_input(ctx, batch=1).to(ctx.device)
+    macs0, params0 = C.count(model.members[0], example)
+    sizes = {(n, out): int(m.weight.shape[0 if out else 1]) for n, m in model.members[0].named_modules()
+             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2 for out in (True, False)}
+    rows, kept = [], []
+    for k, (score, mem) in enumerate(zip(cfg.scores, model.members)):
+        ignored, _ = C.protected_layers(mem, example, prune_first_last=cfg.prune_first_last)
+        imp = C.make_importance(score, batches_fn=lambda step: batches, seed=ctx.seed + k)
+        pruner = C.build_pruner(mem, example, imp, ignored=ignored, global_pruning=cfg.scope == "global",
+                                round_to=cfg.round_to, max_layer_ratio=0.9, resolution=100)
+
+        def refresh(step, mem=mem, imp=imp, score=score):
+            if score == "taylor":
+                C.taylor_gradients(mem, batches, ctx.device)
+            elif isinstance(imp, C.RegistryImportance):
+                imp.refresh(mem, step)
+
+        macs, params, held = C.prune_until(pruner, mem, example, lambda m, p: m <= cfg.target_macs * macs0,
+                                           refresh=refresh)
+        if not held:
+            raise BudgetExceeded(f"eed member {k} ({score}) reached {macs / macs0:.3f} of the input's MACs, not "
+                                 f"target_macs={cfg.target_macs} (at most 90% of a layer's channels go; the first "
+                                 "and last layer stay)", hint="raise target_macs, or set prune_first_last: true")
+        kept.append(_kept_channels(pruner.pruning_history(), sizes))
+        rows.append({"score": score, "macs": macs, "params": params, "macs_ratio": macs / macs0,
+                     "params_ratio": params / params0})
+    overlaps = [_channel_overlap(kept[i], kept[j], sizes) for i in range(len(kept)) for j in range(i + 1, len(kept))]
+    ctx.record(event="eed_channels", scores=list(cfg.scores), target_macs=cfg.target_macs, input_macs=macs0,
+               input_params=params0, members=rows, removed_overlap=overlaps)
+    ctx.log(f"eed: {len(rows)} channel-pruned sub-models ({', '.join(cfg.scores)}): MACs "
+            f"{[round(r['macs_ratio'], 3) for r in rows]} of the input's {macs0:,}; removed-channel overlaps "
+            f"{[round(o, 3) for o in overlaps]}")
+    if ctx.dist.rank == 0:
+        A.save(model, A.stage_path(ctx.run_dir, ctx.index))
+
+
 class EEDHandler:
     def prepare(self, model, cfg, ctx):
         members = [copy.deepcopy(model) for _ in cfg.scores]
+        if cfg.structure == "channel":
+            ens = Ensemble(members).to(next(model.parameters()).device)
+            if ctx.rebuild:  # replay: the members take their shrunk shapes, load_state_dict the values
+                from edgec import architecture as A
+
+                A.apply(ens, A.load(A.stage_path(ctx.run_dir, ctx.index)))
+            return ens
         for mem in members:
             P.ensure_masks(P.prunable_layers(mem, include_first_last=cfg.prune_first_last))
         return Ensemble(members).to(next(model.parameters()).device)
@@ -197,17 +310,10 @@ class EEDHandler:
 
         # 2. one importance score per member, on the same few batches
         batches = I.sample_batches(train_set, cfg.importance_batches, cfg.batch_size, seed=ctx.seed + ctx.index)
-        for k, (score, mem) in enumerate(zip(cfg.scores, model.members)):
-            layers = P.prunable_layers(mem, include_first_last=cfg.prune_first_last)
-            scores = I.compute_scores(score, mem, layers, batches=batches, seed=ctx.seed + k)
-            # weights the input model had already pruned stay pruned (their score is masked to 0)
-            P.update_masks(layers, cfg.target_sparsity, scope=cfg.scope, scores=scores)
-        P.apply_masks(model)
-        pruned = [[m.weight_mask for m in P.masked_layers(mem)] for mem in model.members]
-        overlaps = [I.mask_overlap(pruned[i], pruned[j]) for i in range(len(pruned)) for j in range(i + 1, len(pruned))]
-        ctx.record(event="eed_masks", scores=list(cfg.scores), sparsity=cfg.target_sparsity, pruned_overlap=overlaps)
-        ctx.log(f"eed: {len(cfg.scores)} sub-models ({', '.join(cfg.scores)}) at sparsity {cfg.target_sparsity}; "
-                f"pruned-set overlaps {[round(o, 3) for o in overlaps]}")
+        if cfg.structure == "channel":
+            _shrink_members(model, cfg, ctx, batches)
+        else:
+            _mask_members(model, cfg, ctx, batches)
 
         # 3. adversarial fine-tuning of all members together
         if cfg.member_subset is not None:

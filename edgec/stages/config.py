@@ -75,6 +75,25 @@ class LayerBits(Strict):
         return self
 
 
+class Precision(Strict):
+    """Precision chosen by measurement (edgec.mixed_precision): slow integer kernels kept float, an
+    accuracy tolerance met by promoting the most sensitive layers."""
+
+    keep_slow_float: bool = Field(
+        True, description="profile the uniform artifact against FP32 on the target and keep float every layer "
+                          "whose integer kernel is measured slower (kept only if the whole artifact gets faster); "
+                          "then float more layers while the artifact is slower than FP32. false = uniform")
+    max_drop: float | None = Field(
+        None, ge=0, lt=1, description="top-1 tolerance vs the FP32 model (share, 0.005 = 0.5 pt) on training samples "
+                                      "outside the calibration set: layers are promoted (8 bit in a stage below 8, "
+                                      "else float) until it holds")
+    slower_share: float = Field(0.8, gt=0.5, le=1, description="a layer counts as slower when its int8 kernels took "
+                                                               "longer in at least this share of the profiled calls")
+    min_us: float = Field(2.0, ge=0, description="... and by at least this many microseconds (median)")
+    eval_samples: int = Field(1000, ge=10, description="samples for the max_drop measurement")
+    profile_runs: int = Field(50, ge=5, description="profiled / timed calls per artifact")
+
+
 class Quant(Strict):
     weight_bits: int = Field(8, ge=2, le=8)
     act_bits: int = Field(8, ge=2, le=8)
@@ -90,6 +109,8 @@ class Quant(Strict):
         default_factory=dict,
         description="per-layer precision by module-name glob (fnmatch, e.g. 'layer3.*'): `float` or "
                     "{weight_bits, act_bits}; the first matching glob wins, and it wins over first/last_layer_bits")
+    precision: Precision = Field(default_factory=Precision,
+                                 description="precision chosen by measurement on the target (edgec.mixed_precision)")
 
     @model_validator(mode="after")
     def _globs_not_empty(self):

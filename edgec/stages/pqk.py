@@ -287,11 +287,11 @@ def _prunable(model: nn.Module, cfg) -> list[nn.Module]:
 class PQKHandler:
     def prepare(self, model, cfg, ctx):
         if ctx.rebuild:  # the structure convert produces: a BN-folded quantized student
-            gm = prepare_quantized(model, cfg, ctx, _spec(cfg, fold_bn=True))
+            gm = prepare_quantized(model, cfg, ctx, _spec(cfg, fold_bn=True), can_float=False)
             P.ensure_masks([(n, m) for n, m in P.prunable_layers(gm, include_first_last=cfg.prune_first_last)])
             return gm
         float_copy = copy.deepcopy(model).cpu()
-        gm = prepare_quantized(model, cfg, ctx, _spec(cfg, fold_bn=False))
+        gm = prepare_quantized(model, cfg, ctx, _spec(cfg, fold_bn=False), can_float=False)
         gm = build_two_path(gm, route=not cfg.teacher_updates_kept, teacher_quantized=cfg.teacher_quantized)
         P.ensure_masks([(n, m) for n, m in P.prunable_layers(gm, include_first_last=cfg.prune_first_last)])
         object.__setattr__(gm, "_pqk_float", float_copy)  # not a submodule: not in the state dict
@@ -385,7 +385,8 @@ class PQKHandler:
         if ctx.rebuild:
             return model
         float_model = getattr(model, "_pqk_float")
-        standard = prepare_quantized(float_model, cfg, dataclasses.replace(ctx, rebuild=True), _spec(cfg, fold_bn=True))
+        standard = prepare_quantized(float_model, cfg, dataclasses.replace(ctx, rebuild=True), _spec(cfg, fold_bn=True),
+                                     can_float=False)
         P.ensure_masks([(n, m) for n, m in P.prunable_layers(standard, include_first_last=cfg.prune_first_last)])
         standard = standard.to(ctx.device)
         standard.load_state_dict(student_state(model, standard))

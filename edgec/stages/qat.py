@@ -38,17 +38,26 @@ def quant_spec(cfg, weight_quantizer: str, act_quantizer: str, percentile: float
                      norm_bits=getattr(cfg, "norm_bits", None), layers=overrides_from_config(cfg.layers))
 
 
-def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
+def _quantized(model, cfg, ctx, spec: QuantSpec, loader, device):
+    """``model`` quantized by ``spec`` (and calibrated on ``loader`` unless it is None)."""
     from edgec.capture import example_input
 
     gm, report = quantize_model(model.cpu(), spec, ctx.target, example_input(ctx))
-    gm = gm.to(ctx.device)
-    if report.left_float:
-        ctx.log(f"[yellow]left in float (unsupported for quantization): {', '.join(report.left_float)}[/]")
-    if report.kept_float:
-        ctx.log(f"kept float by `layers:`: {', '.join(report.kept_float)}")
-    if report.quantized_norms:
-        ctx.log(f"unfoldable norms as int{spec.norm_bits} scale + shift: {len(report.quantized_norms)}")
+    gm = gm.to(device)
+    seen = 0
+    if loader is not None:
+        seen = calibrate(gm, loader, device)
+        if getattr(cfg, "weight_range", "minmax") == "psg":
+            apply_psg_ranges(model, gm, ctx)
+    return gm, report, seen
+
+
+def prepare_quantized(model, cfg, ctx, spec: QuantSpec, *, can_float: bool = True):
+    """The stage's quantized graph: per-layer precision chosen by measurement first (edgec.mixed_precision;
+    ``can_float=False``: only bit promotions), then quantized and calibrated."""
+    from edgec import mixed_precision
+
+    loader = manifest = None
     if not ctx.rebuild:
         calib, manifest = calibration_subset(ctx.data.train, min(cfg.calibration_samples, len(ctx.data.train)),
                                              seed=ctx.seed)
@@ -56,9 +65,17 @@ def prepare_quantized(model, cfg, ctx, spec: QuantSpec):
             manifest["data"] = ctx.data.spec
             save_manifest(manifest, ctx.run_dir / "calibration" / f"stage{ctx.index}.json")
         loader = torch.utils.data.DataLoader(calib, batch_size=min(128, cfg.calibration_samples))
-        seen = calibrate(gm, loader, ctx.device)
-        if getattr(cfg, "weight_range", "minmax") == "psg":
-            apply_psg_ranges(model, gm, ctx)
+    spec = mixed_precision.choose(model, spec, ctx, pol=getattr(cfg, "precision", None), can_float=can_float,
+                                  build=lambda s: _quantized(model, cfg, ctx, s, loader, "cpu")[0],
+                                  calib_manifest=manifest)
+    gm, report, seen = _quantized(model, cfg, ctx, spec, loader, ctx.device)
+    if report.left_float:
+        ctx.log(f"[yellow]left in float (unsupported for quantization): {', '.join(report.left_float)}[/]")
+    if report.kept_float:
+        ctx.log(f"kept float: {', '.join(report.kept_float)}")
+    if report.quantized_norms:
+        ctx.log(f"unfoldable norms as int{spec.norm_bits} scale + shift: {len(report.quantized_norms)}")
+    if not ctx.rebuild:
         ctx.record(event="quantize", calibration_samples=seen, **report.as_dict())
     return gm
 

@@ -1,0 +1,282 @@
+"""Precision chosen by measurement: which conv/linear layers of a quantizing stage stay float (or go to
+8 bits), decided from the exported artifacts on the target (docs/methods.md, mixed precision).
+
+Every quantizing stage (qat, ptq, qkd, pqk) calls :func:`choose` before it builds its quantized graph.
+With the stage's ``precision:`` block (:class:`edgec.stages.config.Precision`):
+
+1. **Slow integer kernels stay float** (``keep_slow_float``, on by default). The stage's uniform
+   quantized graph is calibrated and exported next to the FP32 model, both are profiled in ONNX
+   Runtime in one interleaved run (:func:`edgec.bench.profile.profile_models`), and every layer whose
+   quantized kernels took longer than its float kernel in at least ``slower_share`` of the calls (and
+   by more than ``min_us``) is kept float. Then the whole artifact is timed against FP32
+   (:func:`edgec.bench.compare.compare_latency`): while it is slower, the layers with the largest
+   measured int8 - float difference go float too, so the exported model is not slower than FP32
+   there. Measured only where the target runs: an x86 target on an x86-64 host, arm64 on aarch64
+   (otherwise the step is skipped and the decision says so).
+2. **An accuracy tolerance** (``max_drop``, top-1 share vs the FP32 model, on ``eval_samples``
+   training samples disjoint from the calibration set; the test split is never used to choose).
+   While the drop is above it, the layer whose own float (or 8-bit) version recovers the most
+   accuracy is promoted: to 8 bits in a stage below 8 bits, to float at 8 bits.
+
+Layers the recipe's ``layers:`` overrides name are the user's choice and are never changed. The
+decision (every layer's precision, the reason, uniform vs chosen latency and accuracy) is written to
+``stages/stageN.precision.json``; a rebuild (``edgec export``, ``--resume``) reads it back instead of
+measuring again, so the structure is the one that was trained.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import platform
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edgec.quant.precision import LayerOverride
+
+__all__ = ["DECISION", "choose", "decision_path", "measurable", "read_decision", "read_overrides"]
+
+DECISION = "stages/stage{index}.precision.json"
+
+
+def decision_path(ctx) -> Path:
+    return Path(ctx.run_dir) / DECISION.format(index=ctx.index)
+
+
+def read_decision(path: Path) -> tuple[LayerOverride, ...]:
+    return read_overrides(json.loads(Path(path).read_text()))
+
+
+def read_overrides(doc: dict) -> tuple[LayerOverride, ...]:
+    return tuple(LayerOverride(o["match"], keep_float=bool(o.get("keep_float")), weight_bits=o.get("weight_bits"),
+                               act_bits=o.get("act_bits")) for o in doc["chosen_overrides"])
+
+
+def measurable(target) -> tuple[bool, str]:
+    """Whether latency on ``target`` can be measured on this host (and why not)."""
+    machine = platform.machine().lower()
+    host = "x86" if machine in ("x86_64", "amd64") else "arm64" if machine in ("aarch64", "arm64") else machine
+    if target.name == host:
+        return True, f"measured on this host ({machine})"
+    return False, f"target {target.name} is not this host ({machine}): latency not measured, no layer kept float for speed"
+
+
+def _user_fixed(spec, names: list[str]) -> set[str]:
+    return {n for n in names for o in spec.layers if fnmatch.fnmatchcase(n, o.match)}
+
+
+def _with(spec, extra: dict[str, LayerOverride]):  # noqa: D401
+    """``spec`` with exact-name overrides for ``extra`` placed before the user's globs (theirs never
+    match those names: :func:`_user_fixed` excludes them)."""
+    return replace(spec, layers=tuple(extra.values()) + tuple(spec.layers))
+
+
+class _Bench:
+    """Builds, exports and measures candidate precisions of one stage's model (all in a temp folder)."""
+
+    def __init__(self, model, spec, ctx, build: Callable, *, eval_batches, runs: int):
+        from edgec.capture import example_input
+        from edgec.export.onnx_export import export_onnx
+
+        self.model, self.spec, self.ctx, self.build = model, spec, ctx, build
+        self.shape = tuple(example_input(ctx, 1).shape[1:])
+        self.tmp = Path(tempfile.mkdtemp(prefix="edgec-precision-"))
+        self.runs = runs
+        bench_cfg = getattr(getattr(ctx, "recipe", None), "bench", None)  # measured as the run's report measures
+        self.batch = int(getattr(bench_cfg, "batch", 1))
+        self.threads = int(getattr(bench_cfg, "threads", 1))
+        self.eval_batches = eval_batches
+        self.fp32 = self.tmp / "fp32.onnx"
+        export_onnx(model.eval(), self.shape, self.fp32)
+        self._k = 0
+        self._fp32_pred = None
+
+    def export(self, spec) -> tuple[Path, Any]:
+        from edgec.export.onnx_export import export_onnx
+
+        gm = self.build(spec)
+        self._k += 1
+        path = self.tmp / f"candidate{self._k}.onnx"
+        export_onnx(gm.eval(), self.shape, path)
+        return path, gm
+
+    def speedups(self, paths: dict[str, Path]) -> dict[str, float]:
+        """Median speed-up vs FP32 of each artifact, all timed in one interleaved run (the recipe's bench
+        batch and threads)."""
+        from edgec.bench.compare import compare_latency
+
+        cmp = compare_latency({"fp32": self.fp32, **paths}, threads=self.threads, batch=self.batch, warmup=10,
+                             runs=self.runs, rounds=3)
+        return {k: float(cmp["speedup_vs_first"][k]["median"]) for k in paths}
+
+    @torch.no_grad()
+    def accuracy(self, model) -> tuple[float, float]:
+        """(top-1 on the labels, top-1 agreement with the FP32 model) in PyTorch simulation."""
+        model.eval()
+        if self._fp32_pred is None:
+            self.model.eval()
+            self._fp32_pred = [self.model(x).argmax(1) for x, _ in self.eval_batches]
+        hit = agree = n = 0
+        for (x, y), ref in zip(self.eval_batches, self._fp32_pred):
+            p = model(x).argmax(1)
+            hit += int((p == y).sum())
+            agree += int((p == ref).sum())
+            n += len(y)
+        return hit / max(n, 1), agree / max(n, 1)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _slow_layers(bench: _Bench, path: Path, names: list[str], pol) -> tuple[list[dict], dict[str, float]]:
+    """Layers whose quantized kernels are measured slower than their float kernels (and every layer's
+    int8 - float difference in us, for the whole-model step)."""
+    from edgec.bench.profile import profile_models
+
+    prof = profile_models([bench.fp32, path], runs=bench.runs, warmup=10, batch=bench.batch, threads=bench.threads)
+    rows, delta = [], {}
+    for r in prof.layers:
+        if r.layer not in names or r.fp32_us is None or r.int8_us is None:
+            continue
+        delta[r.layer] = r.int8_us - r.fp32_us
+        if (r.int8_slower and (r.int8_slower_share or 0) >= pol.slower_share and r.int8_us - r.fp32_us >= pol.min_us):
+            rows.append({"layer": r.layer, "fp32_us": round(r.fp32_us, 2), "int8_us": round(r.int8_us, 2),
+                         "slower_share": r.int8_slower_share})
+    return rows, delta
+
+
+def _sample_eval(ctx, n: int, calib_manifest: dict | None, batch: int = 128):
+    """``n`` training samples outside the calibration set, as (x, y) batches."""
+    g = torch.Generator().manual_seed(ctx.seed + 7)
+    taken = set((calib_manifest or {}).get("indices", []))
+    order = [i for i in torch.randperm(len(ctx.data.train), generator=g).tolist() if i not in taken][:n]
+    out = []
+    for i in range(0, len(order), batch):
+        xs, ys = zip(*(ctx.data.train[j] for j in order[i:i + batch]))
+        out.append((torch.stack(xs), torch.as_tensor([int(y) for y in ys])))
+    return out
+
+
+def _promotion(spec, name: str, can_float: bool) -> LayerOverride | None:
+    if spec.weight_bits < 8 or spec.act_bits < 8:
+        return LayerOverride(name, weight_bits=8, act_bits=8)
+    return LayerOverride(name, keep_float=True) if can_float else None
+
+
+def _meets_drop(bench: _Bench, spec, extra, free: list[str], pol, acc_fp32: float, log, can_float: bool):
+    """Promote layers of ``free`` one at a time (the one that recovers most accuracy first) until the
+    drop holds or none is left."""
+    acc, agree = bench.accuracy(bench.build(_with(spec, extra)))
+    steps = [{"promoted": None, "accuracy": acc, "agreement": agree}]
+    free = [n for n in free if n not in extra and _promotion(spec, n, can_float) is not None]
+    while acc_fp32 - acc > pol.max_drop and free:
+        trials = []
+        for n in free:
+            a, _ = bench.accuracy(bench.build(_with(spec, {**extra, n: _promotion(spec, n, can_float)})))
+            trials.append((a, n))
+        _, best = max(trials)
+        extra = {**extra, best: _promotion(spec, best, can_float)}
+        free.remove(best)
+        acc, agree = bench.accuracy(bench.build(_with(spec, extra)))
+        steps.append({"promoted": best, "accuracy": acc, "agreement": agree})
+        log(f"precision: {best} -> {'float' if extra[best].keep_float else '8 bit'}: top-1 {acc:.4f} "
+            f"(FP32 {acc_fp32:.4f}, tolerance {pol.max_drop})")
+    return extra, {"steps": steps, "met": acc_fp32 - acc <= pol.max_drop, "accuracy": acc, "agreement": agree}
+
+
+def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc: dict, log):
+    """Float layers for speed: the measured-slower ones if that beats uniform, then more while the
+    artifact is slower than FP32. Returns ({name: override}, {name: reason})."""
+    uniform, _ = bench.export(spec)
+    slow, delta = _slow_layers(bench, uniform, names, pol)
+    doc["slow_layers"] = slow
+    extra = {r["layer"]: LayerOverride(r["layer"], keep_float=True) for r in slow if r["layer"] not in fixed}
+    reasons = {r["layer"]: f"int8 {r['int8_us']} us > float {r['fp32_us']} us" for r in slow if r["layer"] in extra}
+    if extra:
+        chosen, _ = bench.export(_with(spec, extra))
+        s = bench.speedups({"uniform": uniform, "chosen": chosen})
+        doc["uniform_speedup"], speed = s["uniform"], s["chosen"]
+        if speed <= doc["uniform_speedup"]:
+            doc["per_layer_rejected"] = (f"{len(extra)} slower layer(s) float measured x{speed:.2f} vs uniform "
+                                         f"x{doc['uniform_speedup']:.2f}: kept uniform")
+            log(f"precision: {doc['per_layer_rejected']}")
+            extra, reasons, speed = {}, {}, doc["uniform_speedup"]
+    else:
+        doc["uniform_speedup"] = speed = bench.speedups({"uniform": uniform})["uniform"]
+    rest = sorted((n for n in names if n not in extra and n not in fixed and delta.get(n, 0) > 0),
+                  key=lambda n: -delta[n])
+    while speed < 1.0 and rest:  # the whole artifact still slower than FP32: the next slowest layers float
+        step = max(1, len(rest) // 4)
+        for n in rest[:step]:
+            extra[n] = LayerOverride(n, keep_float=True)
+            reasons[n] = f"artifact x{speed:.2f} vs FP32; int8 {delta[n]:+.1f} us"
+        rest = rest[step:]
+        speed = bench.speedups({"chosen": bench.export(_with(spec, extra))[0]})["chosen"]
+    doc["chosen_speedup"] = speed
+    log(f"precision: uniform x{doc['uniform_speedup']:.2f} vs FP32; {len(extra)} layer(s) kept float for speed "
+        f"-> x{speed:.2f}")
+    return extra, reasons
+
+
+def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
+    from edgec.quant.precision import conv_linear_names
+
+    names = conv_linear_names(model)
+    fixed = _user_fixed(spec, names)
+    doc: dict[str, Any] = {"schema": "edgec.precision/1", "policy": pol.model_dump(), "user_fixed": sorted(fixed)}
+    extra: dict[str, LayerOverride] = {}
+    reasons: dict[str, str] = {}
+    ok, why = measurable(ctx.target)
+    doc["latency"] = why
+    if pol.keep_slow_float and ok and can_float:
+        extra, reasons = _for_speed(bench, spec, names, fixed, pol, doc, ctx.log)
+    elif pol.keep_slow_float:
+        doc["latency"] = why if not ok else "this stage cannot keep layers float (pqk): not measured"
+        ctx.log(f"[yellow]precision: {doc['latency']}[/]")
+    if pol.max_drop is not None:
+        acc_fp32, _ = bench.accuracy(model)
+        before = set(extra)
+        extra, acc_doc = _meets_drop(bench, spec, extra, [n for n in names if n not in fixed], pol, acc_fp32,
+                                     ctx.log, can_float)
+        reasons.update({n: "accuracy tolerance" for n in extra if n not in before})
+        doc["accuracy"] = {"fp32": acc_fp32, "eval_samples": sum(len(y) for _, y in bench.eval_batches),
+                           "data": "training samples outside the calibration set, PyTorch simulation", **acc_doc}
+    doc["chosen_overrides"] = [{"match": o.match, "keep_float": o.keep_float, "weight_bits": o.weight_bits,
+                                "act_bits": o.act_bits, "reason": reasons.get(n, "")} for n, o in extra.items()]
+    doc["layers"] = {n: ("user" if n in fixed else "float" if n in extra and extra[n].keep_float
+                         else f"{extra[n].weight_bits} bit" if n in extra else "uniform") for n in names}
+    return doc
+
+
+def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, calib_manifest: dict | None = None):
+    """The stage's QuantSpec with the measured per-layer choice added (see the module docstring)."""
+    from edgec.atomic import atomic_write_text
+    from edgec.distributed import broadcast_object
+
+    path = decision_path(ctx)
+    if path.is_file():  # a rebuild, a resumed run, or the stage's second prepare (pqk): the recorded choice
+        return replace(spec, layers=read_decision(path) + tuple(spec.layers))
+    if ctx.rebuild or pol is None or (not pol.keep_slow_float and pol.max_drop is None):
+        return spec
+    doc = None
+    if ctx.dist.rank == 0:
+        bench = _Bench(model, spec, ctx, build, eval_batches=_sample_eval(ctx, pol.eval_samples, calib_manifest)
+                       if pol.max_drop is not None else [], runs=pol.profile_runs)
+        try:
+            doc = _decide(model, spec, ctx, pol, bench, can_float)
+        finally:
+            bench.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
+    if ctx.dist.world_size > 1:
+        doc = broadcast_object(doc)
+    chosen = read_overrides(doc)
+    ctx.record(event="precision", kept_float=[o.match for o in chosen if o.keep_float],
+               promoted=[o.match for o in chosen if not o.keep_float],
+               uniform_speedup=doc.get("uniform_speedup"), chosen_speedup=doc.get("chosen_speedup"))
+    return replace(spec, layers=chosen + tuple(spec.layers))

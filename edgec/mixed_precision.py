@@ -232,6 +232,9 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
     extra: dict[str, LayerOverride] = {}
     reasons: dict[str, str] = {}
     ok, why = measurable(ctx.target)
+    budgets = [s.method for s in getattr(getattr(ctx, "recipe", None), "stages", ()) if getattr(s, "target_bytes", None)]
+    if budgets:  # edgec.budget turned the size budget into a sparsity at the deployed bits: float layers would break it
+        ok, why = False, f"a size budget (target_bytes in {', '.join(budgets)}) fixes every layer at its deployed bits"
     doc["latency"] = why
     if pol.keep_slow_float and ok and can_float:
         extra, reasons = _for_speed(bench, spec, names, fixed, pol, doc, ctx.log)

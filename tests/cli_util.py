@@ -37,3 +37,15 @@ def subprocess_env(**extra: str) -> dict:
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def uniform_precision(recipe: str, *, cli: bool = False) -> list[str]:
+    """Overrides that switch the measured precision choice (edgec.mixed_precision) off in every quantizing
+    stage of ``recipe`` (a shipped name or a YAML path): for tests whose subject is the uniform integer
+    graph (every Conv/Gemm fused, bits, parity), which must not depend on this CPU's timing. ``cli``:
+    as ``--set`` arguments."""
+    from edgec.recipe import QUANT_METHODS, load_recipe
+
+    sets = [f"stages.{i}.precision.keep_slow_float=false" for i, s in enumerate(load_recipe(str(recipe)).stages)
+            if s.method in QUANT_METHODS]
+    return [a for s in sets for a in ("--set", s)] if cli else sets

@@ -52,7 +52,7 @@ def test_compress_in_memory_model_and_datasets(trained, tmp_path):
     model, train, test, acc = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = edgec.compress(model, (train, test), "ptq-int8", out=tmp_path / "run",
-                         overrides=["bench.runs=20", "bench.rounds=2"])
+                         overrides=["bench.runs=20", "bench.rounds=2", "stages.0.precision.keep_slow_float=false"])
     # the user's model is not modified; the compressed one comes back in memory
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert res.run_dir == tmp_path / "run" and (res.run_dir / "report.md").is_file()
@@ -75,7 +75,7 @@ def test_compress_in_memory_model_and_datasets(trained, tmp_path):
     # the same call again is refused (another run would be overwritten); resume=True continues it
     with pytest.raises(RunDirError, match="already holds this run"):
         edgec.compress(model, (train, test), "ptq-int8", out=tmp_path / "run",
-                       overrides=["bench.runs=20", "bench.rounds=2"])
+                       overrides=["bench.runs=20", "bench.rounds=2", "stages.0.precision.keep_slow_float=false"])
 
     # re-export: from a name the class cannot be rebuilt; with a fresh instance it can
     with pytest.raises(RunDirError, match="in-memory model"):

@@ -343,10 +343,15 @@ def test_byte_budget_sees_the_folded_batchnorms(um):
 # end to end through the CLI: compress -> export -> bench
 
 FAST = ("--set", "bench.runs=5", "--set", "bench.warmup=1", "--device", "cpu")
+UNIFORM = ("--set", "stages.0.precision.keep_slow_float=false")  # qat-int8 / ptq-int8: the uniform integer graph
 
 
 def _compress(capsys, out, model, weights, data, recipe, *sets):
-    args = ["compress", "--model", model, "--data", data, "--recipe", recipe, "--out", out, *FAST]
+    from cli_util import uniform_precision
+
+    # these tests are about capture: the uniform integer graph, not this CPU's timing (edgec.mixed_precision)
+    args = ["compress", "--model", model, "--data", data, "--recipe", recipe, "--out", out, *FAST,
+            *uniform_precision(recipe, cli=True)]
     if weights:
         args += ["--weights", weights]
     for s in sets:
@@ -399,7 +404,7 @@ def plain_qat(workdir, user_file, weights):
     """The symbolic-trace path on the same weights (Plain == Branchy on 8x8)."""
     out = workdir / "plain_qat"
     res = _main("compress", "--model", f"{user_file}:Plain", "--weights", weights, "--data", "digits",
-                "--recipe", "qat-int8", "--out", out, "--set", "stages.0.epochs=1", *FAST)
+                "--recipe", "qat-int8", "--out", out, "--set", "stages.0.epochs=1", *FAST, *UNIFORM)
     assert res == 0
     return out
 

@@ -35,6 +35,7 @@ stages:
     lr: 0.0005
     weight_decay: 0.0
     kd: {teacher: input, temperature: 4.0, alpha: 0.5}
+    precision: {keep_slow_float: false}   # the uniform integer graph (4/4 fused), not this CPU's timing
 bench: {runs: 5, warmup: 1}
 export: {parity_samples: 360}
 """

@@ -161,6 +161,7 @@ stages:
     layers:
       conv2: float
       "fc": {weight_bits: 8, act_bits: 8}
+    precision: {keep_slow_float: false}   # only the layers named above leave the uniform grid
 bench: {runs: 5, warmup: 1}
 export: {parity_samples: 200}
 """

@@ -55,7 +55,8 @@ def test_qkd_end_to_end_teacher_changes_only_in_cs(tmp_path, capsys):
     t0 = teacher_l2(load_weights(create_model("digits_cnn"), w))
     res = run_cli(capsys, "compress", "--model", "digits_cnn", "--weights", w, "--data", "digits", "--recipe", "qkd",
                   "--set", "stages.0.phase_epochs=[1,1,1]", "--set", "stages.0.kd.calibrate=true",
-                  "--set", "bench.runs=5", "--out", tmp_path / "run", "--device", "cpu")
+                  "--set", "bench.runs=5", "--out", tmp_path / "run", "--device", "cpu",
+                  "--set", "stages.0.precision.keep_slow_float=false")
     assert res.code == 0, res.err
     events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     phases = {e["phase"]: e for e in events if e.get("event") == "qkd_phase"}

@@ -288,7 +288,7 @@ def compress_cli(capsys, name: str, weights: Path, out: Path, *extra: str):
 
     return run_cli(capsys, "compress", "--model", f"{HERE}:{name}", "--weights", weights, "--data", "digits",
                    "--recipe", "ptq-int8", "--out", out, "--device", "cpu", "--force", "--set", "bench.runs=3",
-                   "--set", "bench.warmup=1", *extra)
+                   "--set", "bench.warmup=1", "--set", "stages.0.precision.keep_slow_float=false", *extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +309,8 @@ def results(tmp_path_factory, digits):
         w = train(name, root / f"{name}.pt")
         run = compress(CompressRequest(model=f"{HERE}:{name}", data="digits", recipe="ptq-int8", weights=str(w),
                                        out=root / name, device="cpu",
-                                       overrides=("bench.runs=3", "bench.warmup=1"))).run_dir
+                                       overrides=("bench.runs=3", "bench.warmup=1",
+                                                  "stages.0.precision.keep_slow_float=false"))).run_dir
         fp32, edgec_q = run / "export" / "model_fp32.onnx", run / "export" / "model_compressed.onnx"
         ort_q = ort_quantize_static(fp32, root / f"{name}_ort.onnx", cx)
         ref = predict(load_session(fp32), ex)

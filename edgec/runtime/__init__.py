@@ -177,6 +177,8 @@ def measure_latency(
         )
     if sample is not None:
         x = _as_model_input(sample, inp)
+        if x.shape[0] == 0:
+            raise RunnerError("the input holds 0 samples; pass at least one (or drop --input to time random data)")
         x = x[np.arange(batch) % x.shape[0]]
     else:
         x = _random_input(inp, batch)

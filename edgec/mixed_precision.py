@@ -180,6 +180,9 @@ def _slow_layers(bench: _Bench, path: Path, names: list[str], pol) -> tuple[list
     return rows, delta
 
 
+_MIN_EVAL = 10  # samples the max_drop measurement needs at least (Precision.eval_samples' minimum)
+
+
 def eval_indices(train_len: int, n: int, seed: int, calib_manifest: dict | None) -> list[int]:
     """The training-split indices the max_drop measurement uses: ``n`` seeded ones outside the calibration
     manifest's (its count and sha256 are recorded in the decision, to check against)."""
@@ -190,7 +193,14 @@ def eval_indices(train_len: int, n: int, seed: int, calib_manifest: dict | None)
 
 def _sample_eval(ctx, n: int, calib_manifest: dict | None, batch: int = 128):
     """``n`` training samples outside the calibration set, as (x, y) batches, and their indices."""
+    from edgec.errors import InputError
+
     order = eval_indices(len(ctx.data.train), n, ctx.seed, calib_manifest)
+    if len(order) < _MIN_EVAL:  # an empty set would meet any tolerance
+        used = len((calib_manifest or {}).get("indices", []))
+        raise InputError(f"stages.{ctx.index}.precision.max_drop needs at least {_MIN_EVAL} training samples outside "
+                         f"the calibration set; the training split has {len(ctx.data.train)}, {used} calibrate",
+                         hint=f"lower stages.{ctx.index}.calibration_samples, or drop precision.max_drop")
     out = []
     for i in range(0, len(order), batch):
         xs, ys = zip(*(ctx.data.train[j] for j in order[i:i + batch]))
@@ -234,6 +244,7 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
     uniform, _ = bench.export(spec)
     slow, delta = _slow_layers(bench, uniform, names, pol)
     doc["slow_layers"] = slow
+    doc["int8_minus_float_us"] = {n: round(d, 2) for n, d in delta.items()}
     extra = {r["layer"]: LayerOverride(_exact(r["layer"]), keep_float=True) for r in slow if r["layer"] not in fixed}
     reasons = {r["layer"]: f"int8 {r['int8_us']} us > float {r['fp32_us']} us" for r in slow if r["layer"] in extra}
     if extra:

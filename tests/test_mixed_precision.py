@@ -212,19 +212,20 @@ TOLERANCE = ["--set", "stages.0.precision.keep_slow_float=false", "--set", "stag
              "--set", "stages.0.precision.eval_samples=400"]
 
 
-def _assert_promoted_to_8_bits(doc: dict, check: dict) -> list[str]:
-    """Every promotion is to 8 bits (none float); the export has exactly those layers on the 8-bit grid."""
+def _assert_promoted_to_8_bits(doc: dict, check: dict, at_8: tuple = ()) -> list[str]:
+    """Every promotion is to 8 bits (none float); the export has exactly those layers (and ``at_8``, the
+    stage's own 8-bit layers) on the 8-bit grid, the rest on the 4-bit one."""
     promoted = [o["match"] for o in doc["chosen_overrides"]]
     assert promoted and all(not o["keep_float"] and o["weight_bits"] == 8 and o["act_bits"] == 8
                             for o in doc["chosen_overrides"])
     assert all(doc["layers"][n] == ("8 bit" if n in promoted else "uniform") for n in LAYERS)
     assert not any(p["float"] for p in check["layer_precision"].values())
     for n in LAYERS:
-        assert check["layer_precision"][n]["weight_bits"] == (8 if n in promoted else 4)
+        assert check["layer_precision"][n]["weight_bits"] == (8 if n in promoted or n in at_8 else 4)
     w8, w4 = get_target("x86").weight_range(8), get_target("x86").weight_range(4)
     for n in LAYERS:
         info = check["weights"][f"{n}.weight"]
-        assert (info["qmin"], info["qmax"]) == (w8 if n in promoted else w4), n
+        assert (info["qmin"], info["qmax"]) == (w8 if n in promoted or n in at_8 else w4), n
     return promoted
 
 
@@ -275,6 +276,18 @@ def test_pqk_promotes_to_8_bits_never_float(capsys, tmp_path, fragile_weights, r
     doc = _decision(out)
     assert "cannot keep layers float" in doc["latency"] and doc["accuracy"]["met"]
     _assert_promoted_to_8_bits(doc, _check(out / "export" / "model_compressed.onnx"))
+
+
+def test_qkd_promotes_the_broken_middle_layer(capsys, tmp_path, fragile_weights):
+    """qkd (W4A4, first/last layer at 8 bits by default): conv2 is promoted to 8 bits, conv3 stays at 4."""
+    out = tmp_path / "run"
+    _compress(capsys, out, "--weights", fragile_weights, "--recipe", "qkd", *TOLERANCE, "--set", "stages.0.epochs=1",
+              "--set", "stages.0.max_train_samples=128", "--set", "stages.0.calibration_samples=256",
+              "--set", "stages.0.weight_quantizer=minmax", "--set", "stages.0.act_quantizer=ema")
+    doc = _decision(out)
+    assert doc["accuracy"]["met"] and doc["chosen_overrides"][0]["match"] == "conv2"
+    promoted = _assert_promoted_to_8_bits(doc, _check(out / "export" / "model_compressed.onnx"), at_8=("conv1", "fc"))
+    assert "conv3" not in promoted
 
 
 # ------------------------------------------------------------------------------------- resume

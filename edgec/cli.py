@@ -180,6 +180,7 @@ def analyze(
     calibration_samples: Annotated[int, typer.Option(min=1, help="calibration samples per variant (PTQ, from the train split)")] = 256,
     layers: Annotated[Optional[str], typer.Option(help="analyse only the layers matching this glob, e.g. 'layer3.*'")] = None,
     ort: Annotated[bool, typer.Option("--ort", help="measure each variant's exported ONNX in ONNX Runtime (slower) instead of the PyTorch simulation")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="fill int8/float time: profile the FP32 and the uniform quantized export in ONNX Runtime (on with --ort)")] = False,
     out: Annotated[Optional[Path], typer.Option(help="write sensitivity.json and sensitivity.png into this folder")] = None,
     trust_model_file: Annotated[bool, typer.Option(help="re-import the run's file.py model even if it changed since the run (runs its code!)")] = False,
 ):
@@ -198,7 +199,7 @@ def analyze(
 
     if run_dir is not None:
         res = analyze_run(run_dir, samples=samples, calibration_samples=calibration_samples, layers=layers, ort=ort,
-                          trust_model_file=trust_model_file, progress=progress)
+                          profile=profile, trust_model_file=trust_model_file, progress=progress)
     else:
         if data is None:
             raise InputError("--model needs --data", hint="e.g. --data digits")
@@ -213,7 +214,7 @@ def analyze(
         net = build_model(model, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0], weights=weights,
                           trust_pickle=False)
         res = analyze_model(net, bundle, recipe=rec, samples=samples, calibration_samples=calibration_samples,
-                            layers=layers, ort=ort, seed=rec.seed, progress=progress)
+                            layers=layers, ort=ort, profile=profile, seed=rec.seed, progress=progress)
     print_sensitivity(res, console)
     if out is not None:
         paths = write_sensitivity(res, out)

@@ -11,12 +11,16 @@ With the stage's ``precision:`` block (:class:`edgec.stages.config.Precision`):
    by more than ``min_us``) is kept float. Then the whole artifact is timed against FP32
    (:func:`edgec.bench.compare.compare_latency`): while it is slower, the layers with the largest
    measured int8 - float difference go float too, so the exported model is not slower than FP32
-   there. Measured only where the target runs: an x86 target on an x86-64 host, arm64 on aarch64
-   (otherwise the step is skipped and the decision says so).
+   there. Of the candidates measured (uniform among them) the fastest is kept, so the chosen artifact
+   is never measured slower than the uniform one. Measured only where the target runs: an x86 target
+   on an x86-64 host, arm64 on aarch64 (otherwise the step is skipped and the decision says so).
 2. **An accuracy tolerance** (``max_drop``, top-1 share vs the FP32 model, on ``eval_samples``
    training samples disjoint from the calibration set; the test split is never used to choose).
    While the drop is above it, the layer whose own float (or 8-bit) version recovers the most
-   accuracy is promoted: to 8 bits in a stage below 8 bits, to float at 8 bits.
+   accuracy is promoted: to 8 bits in a layer below 8 bits, to float at 8 bits (never float where the
+   stage cannot keep layers float: pqk). Promotions are measured in the PyTorch simulation; the chosen
+   artifact is then exported and measured in ONNX Runtime on the same samples (``accuracy.met`` needs
+   both; the samples are recorded by count and the sha256 of their indices, :func:`eval_indices`).
 
 Layers the recipe's ``layers:`` overrides name are the user's choice and are never changed. The
 decision (every layer's precision, the reason, uniform vs chosen latency and accuracy) is written to
@@ -37,7 +41,7 @@ import torch
 
 from edgec.quant.precision import LayerOverride
 
-__all__ = ["DECISION", "choose", "decision_path", "measurable", "read_decision", "read_overrides"]
+__all__ = ["DECISION", "choose", "decision_path", "eval_indices", "measurable", "read_decision", "read_overrides"]
 
 DECISION = "stages/stage{index}.precision.json"
 
@@ -55,13 +59,23 @@ def read_overrides(doc: dict) -> tuple[LayerOverride, ...]:
                                act_bits=o.get("act_bits")) for o in doc["chosen_overrides"])
 
 
+def _host() -> str:
+    """This machine as a target name ("x86", "arm64"; else the machine string)."""
+    machine = platform.machine().lower()
+    return "x86" if machine in ("x86_64", "amd64") else "arm64" if machine in ("aarch64", "arm64") else machine
+
+
 def measurable(target) -> tuple[bool, str]:
     """Whether latency on ``target`` can be measured on this host (and why not)."""
     machine = platform.machine().lower()
-    host = "x86" if machine in ("x86_64", "amd64") else "arm64" if machine in ("aarch64", "arm64") else machine
-    if target.name == host:
+    if target.name == _host():
         return True, f"measured on this host ({machine})"
     return False, f"target {target.name} is not this host ({machine}): latency not measured, no layer kept float for speed"
+
+
+def _exact(name: str) -> str:
+    """A glob matching exactly ``name`` (fnmatch's special characters bracketed)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _user_fixed(spec, names: list[str]) -> set[str]:
@@ -77,22 +91,29 @@ def _with(spec, extra: dict[str, LayerOverride]):  # noqa: D401
 class _Bench:
     """Builds, exports and measures candidate precisions of one stage's model (all in a temp folder)."""
 
-    def __init__(self, model, spec, ctx, build: Callable, *, eval_batches, runs: int):
+    def __init__(self, model, spec, ctx, build: Callable, *, eval_batches, eval_order=(), runs: int):
         from edgec.capture import example_input
-        from edgec.export.onnx_export import export_onnx
 
-        self.model, self.spec, self.ctx, self.build = model, spec, ctx, build
+        self.model, self.spec, self.ctx, self.build = model.cpu(), spec, ctx, build  # eval batches are CPU
         self.shape = tuple(example_input(ctx, 1).shape[1:])
         self.tmp = Path(tempfile.mkdtemp(prefix="edgec-precision-"))
         self.runs = runs
         bench_cfg = getattr(getattr(ctx, "recipe", None), "bench", None)  # measured as the run's report measures
         self.batch = int(getattr(bench_cfg, "batch", 1))
         self.threads = int(getattr(bench_cfg, "threads", 1))
-        self.eval_batches = eval_batches
-        self.fp32 = self.tmp / "fp32.onnx"
-        export_onnx(model.eval(), self.shape, self.fp32)
+        self.eval_batches, self.eval_order = eval_batches, list(eval_order)
         self._k = 0
         self._fp32_pred = None
+
+    @property
+    def fp32(self) -> Path:
+        """The FP32 model's export (made when a measurement first needs it)."""
+        from edgec.export.onnx_export import export_onnx
+
+        path = self.tmp / "fp32.onnx"
+        if not path.is_file():
+            export_onnx(self.model.eval(), self.shape, path)
+        return path
 
     def export(self, spec) -> tuple[Path, Any]:
         from edgec.export.onnx_export import export_onnx
@@ -127,6 +148,15 @@ class _Bench:
             n += len(y)
         return hit / max(n, 1), agree / max(n, 1)
 
+    def ort_accuracy(self, spec) -> float:
+        """Top-1 on the labels of ``spec``'s exported artifact in ONNX Runtime (the recipe's bench threads)."""
+        from edgec.runtime import load_session, predict
+
+        path, _ = self.export(spec)
+        sess = load_session(path, threads=self.threads)
+        hit = sum(int((predict(sess, x.numpy()).argmax(1) == y.numpy()).sum()) for x, y in self.eval_batches)
+        return hit / max(sum(len(y) for _, y in self.eval_batches), 1)
+
     def close(self) -> None:
         import shutil
 
@@ -150,37 +180,55 @@ def _slow_layers(bench: _Bench, path: Path, names: list[str], pol) -> tuple[list
     return rows, delta
 
 
-def _sample_eval(ctx, n: int, calib_manifest: dict | None, batch: int = 128):
-    """``n`` training samples outside the calibration set, as (x, y) batches."""
-    g = torch.Generator().manual_seed(ctx.seed + 7)
+_MIN_EVAL = 10  # samples the max_drop measurement needs at least (Precision.eval_samples' minimum)
+
+
+def eval_indices(train_len: int, n: int, seed: int, calib_manifest: dict | None) -> list[int]:
+    """The training-split indices the max_drop measurement uses: ``n`` seeded ones outside the calibration
+    manifest's (its count and sha256 are recorded in the decision, to check against)."""
+    g = torch.Generator().manual_seed(seed + 7)
     taken = set((calib_manifest or {}).get("indices", []))
-    order = [i for i in torch.randperm(len(ctx.data.train), generator=g).tolist() if i not in taken][:n]
+    return [i for i in torch.randperm(train_len, generator=g).tolist() if i not in taken][:n]
+
+
+def _sample_eval(ctx, n: int, calib_manifest: dict | None, batch: int = 128):
+    """``n`` training samples outside the calibration set, as (x, y) batches, and their indices."""
+    from edgec.errors import InputError
+
+    order = eval_indices(len(ctx.data.train), n, ctx.seed, calib_manifest)
+    if len(order) < _MIN_EVAL:  # an empty set would meet any tolerance
+        used = len((calib_manifest or {}).get("indices", []))
+        raise InputError(f"stages.{ctx.index}.precision.max_drop needs at least {_MIN_EVAL} training samples outside "
+                         f"the calibration set; the training split has {len(ctx.data.train)}, {used} calibrate",
+                         hint=f"lower stages.{ctx.index}.calibration_samples, or drop precision.max_drop")
     out = []
     for i in range(0, len(order), batch):
         xs, ys = zip(*(ctx.data.train[j] for j in order[i:i + batch]))
         out.append((torch.stack(xs), torch.as_tensor([int(y) for y in ys])))
-    return out
+    return out, order
 
 
-def _promotion(spec, name: str, can_float: bool) -> LayerOverride | None:
-    if spec.weight_bits < 8 or spec.act_bits < 8:
-        return LayerOverride(name, weight_bits=8, act_bits=8)
-    return LayerOverride(name, keep_float=True) if can_float else None
+def _promotion(spec, name: str, can_float: bool, bits: dict[str, int]) -> LayerOverride | None:
+    """8 bits for a layer below 8 (its own bits: first/last_layer_bits count), float for one at 8."""
+    if (bits.get(name) or spec.weight_bits) < 8 or spec.act_bits < 8:
+        return LayerOverride(_exact(name), weight_bits=8, act_bits=8)
+    return LayerOverride(_exact(name), keep_float=True) if can_float else None
 
 
-def _meets_drop(bench: _Bench, spec, extra, free: list[str], pol, acc_fp32: float, log, can_float: bool):
+def _meets_drop(bench: _Bench, spec, extra, free: list[str], pol, acc_fp32: float, log, can_float: bool,
+                bits: dict[str, int]):
     """Promote layers of ``free`` one at a time (the one that recovers most accuracy first) until the
-    drop holds or none is left."""
+    drop holds or none is left. ``bits``: each layer's weight bits without overrides."""
     acc, agree = bench.accuracy(bench.build(_with(spec, extra)))
     steps = [{"promoted": None, "accuracy": acc, "agreement": agree}]
-    free = [n for n in free if n not in extra and _promotion(spec, n, can_float) is not None]
+    free = [n for n in free if n not in extra and _promotion(spec, n, can_float, bits) is not None]
     while acc_fp32 - acc > pol.max_drop and free:
         trials = []
-        for n in free:
-            a, _ = bench.accuracy(bench.build(_with(spec, {**extra, n: _promotion(spec, n, can_float)})))
-            trials.append((a, n))
-        _, best = max(trials)
-        extra = {**extra, best: _promotion(spec, best, can_float)}
+        for k, n in enumerate(free):  # ties: the earlier layer
+            a, _ = bench.accuracy(bench.build(_with(spec, {**extra, n: _promotion(spec, n, can_float, bits)})))
+            trials.append((a, -k, n))
+        _, _, best = max(trials)
+        extra = {**extra, best: _promotion(spec, best, can_float, bits)}
         free.remove(best)
         acc, agree = bench.accuracy(bench.build(_with(spec, extra)))
         steps.append({"promoted": best, "accuracy": acc, "agreement": agree})
@@ -191,11 +239,13 @@ def _meets_drop(bench: _Bench, spec, extra, free: list[str], pol, acc_fp32: floa
 
 def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc: dict, log):
     """Float layers for speed: the measured-slower ones if that beats uniform, then more while the
-    artifact is slower than FP32. Returns ({name: override}, {name: reason})."""
+    artifact is slower than FP32; the fastest candidate measured wins (uniform among them, so the chosen
+    artifact is never measured slower than uniform). Returns ({name: override}, {name: reason})."""
     uniform, _ = bench.export(spec)
     slow, delta = _slow_layers(bench, uniform, names, pol)
     doc["slow_layers"] = slow
-    extra = {r["layer"]: LayerOverride(r["layer"], keep_float=True) for r in slow if r["layer"] not in fixed}
+    doc["int8_minus_float_us"] = {n: round(d, 2) for n, d in delta.items()}
+    extra = {r["layer"]: LayerOverride(_exact(r["layer"]), keep_float=True) for r in slow if r["layer"] not in fixed}
     reasons = {r["layer"]: f"int8 {r['int8_us']} us > float {r['fp32_us']} us" for r in slow if r["layer"] in extra}
     if extra:
         chosen, _ = bench.export(_with(spec, extra))
@@ -208,19 +258,53 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
             extra, reasons, speed = {}, {}, doc["uniform_speedup"]
     else:
         doc["uniform_speedup"] = speed = bench.speedups({"uniform": uniform})["uniform"]
+    best = (speed, dict(extra), dict(reasons))
     rest = sorted((n for n in names if n not in extra and n not in fixed and delta.get(n, 0) > 0),
                   key=lambda n: -delta[n])
+    tried = []
     while speed < 1.0 and rest:  # the whole artifact still slower than FP32: the next slowest layers float
         step = max(1, len(rest) // 4)
         for n in rest[:step]:
-            extra[n] = LayerOverride(n, keep_float=True)
+            extra[n] = LayerOverride(_exact(n), keep_float=True)
             reasons[n] = f"artifact x{speed:.2f} vs FP32; int8 {delta[n]:+.1f} us"
         rest = rest[step:]
         speed = bench.speedups({"chosen": bench.export(_with(spec, extra))[0]})["chosen"]
+        tried.append({"float": sorted(extra), "speedup": speed})
+        if speed > best[0]:
+            best = (speed, dict(extra), dict(reasons))
+    if tried:
+        doc["more_float_tried"] = tried
+    speed, extra, reasons = best
     doc["chosen_speedup"] = speed
     log(f"precision: uniform x{doc['uniform_speedup']:.2f} vs FP32; {len(extra)} layer(s) kept float for speed "
         f"-> x{speed:.2f}")
     return extra, reasons
+
+
+def _for_accuracy(bench: _Bench, model, spec, extra: dict, names: list[str], fixed: set[str], pol, ctx,
+                  can_float: bool) -> tuple[dict, dict]:
+    """The max_drop step: promotions in the PyTorch simulation, then the chosen artifact checked in ONNX
+    Runtime on the same samples. Returns (overrides, the decision's ``accuracy`` entry)."""
+    from edgec.data import indices_sha256
+    from edgec.quant.precision import resolve_precision
+
+    bits = {n: p.weight_bits for n, p in resolve_precision(names, replace(spec, layers=())).items()}
+    acc_fp32, _ = bench.accuracy(model)
+    extra, acc_doc = _meets_drop(bench, spec, extra, [n for n in names if n not in fixed], pol, acc_fp32, ctx.log,
+                                 can_float, bits)
+    # the structure the export writes (pqk trains with BatchNorms unfolded and folds them in convert)
+    ort_acc = bench.ort_accuracy(replace(_with(spec, extra), fold_bn=True))
+    ort = {"accuracy": ort_acc, "drop": acc_fp32 - ort_acc, "met": acc_fp32 - ort_acc <= pol.max_drop}
+    if acc_doc["met"] and not ort["met"]:
+        ctx.log(f"[yellow]precision: the chosen artifact drops {ort['drop']:.4f} in ONNX Runtime (simulation "
+                f"{acc_fp32 - acc_doc['accuracy']:.4f}), above max_drop {pol.max_drop}[/]")
+    order = bench.eval_order
+    return extra, {"fp32": acc_fp32, "eval_samples": len(order), "split": "train",
+                   "indices_sha256": indices_sha256(order),
+                   "data": "training samples outside the calibration set (edgec.mixed_precision.eval_indices), "
+                           "promotions measured in the PyTorch simulation, the choice in ONNX Runtime",
+                   **acc_doc, "simulation_met": acc_doc["met"], "met": acc_doc["met"] and ort["met"],
+                   "onnxruntime": ort}
 
 
 def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
@@ -242,13 +326,9 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
         doc["latency"] = why if not ok else "this stage cannot keep layers float (pqk): not measured"
         ctx.log(f"[yellow]precision: {doc['latency']}[/]")
     if pol.max_drop is not None:
-        acc_fp32, _ = bench.accuracy(model)
         before = set(extra)
-        extra, acc_doc = _meets_drop(bench, spec, extra, [n for n in names if n not in fixed], pol, acc_fp32,
-                                     ctx.log, can_float)
+        extra, doc["accuracy"] = _for_accuracy(bench, model, spec, extra, names, fixed, pol, ctx, can_float)
         reasons.update({n: "accuracy tolerance" for n in extra if n not in before})
-        doc["accuracy"] = {"fp32": acc_fp32, "eval_samples": sum(len(y) for _, y in bench.eval_batches),
-                           "data": "training samples outside the calibration set, PyTorch simulation", **acc_doc}
     doc["chosen_overrides"] = [{"match": o.match, "keep_float": o.keep_float, "weight_bits": o.weight_bits,
                                 "act_bits": o.act_bits, "reason": reasons.get(n, "")} for n, o in extra.items()]
     doc["layers"] = {n: ("user" if n in fixed else "float" if n in extra and extra[n].keep_float
@@ -262,14 +342,17 @@ def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, ca
     from edgec.distributed import broadcast_object
 
     path = decision_path(ctx)
-    if path.is_file():  # a rebuild, a resumed run, or the stage's second prepare (pqk): the recorded choice
+    recorded = path.is_file()
+    if ctx.dist.world_size > 1:  # rank 0's view: another rank must not see the file rank 0 is about to write
+        recorded = broadcast_object(recorded)
+    if recorded:  # a rebuild, a resumed run, or the stage's second prepare (pqk): the recorded choice
         return replace(spec, layers=read_decision(path) + tuple(spec.layers))
     if ctx.rebuild or pol is None or (not pol.keep_slow_float and pol.max_drop is None):
         return spec
     doc = None
     if ctx.dist.rank == 0:
-        bench = _Bench(model, spec, ctx, build, eval_batches=_sample_eval(ctx, pol.eval_samples, calib_manifest)
-                       if pol.max_drop is not None else [], runs=pol.profile_runs)
+        batches, order = _sample_eval(ctx, pol.eval_samples, calib_manifest) if pol.max_drop is not None else ([], [])
+        bench = _Bench(model, spec, ctx, build, eval_batches=batches, eval_order=order, runs=pol.profile_runs)
         try:
             doc = _decide(model, spec, ctx, pol, bench, can_float)
         finally:

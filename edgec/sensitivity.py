@@ -13,8 +13,10 @@ Both are compared with the FP32 model on held-out samples (the eval split, cappe
 (FP32 minus variant, as a fraction) and the mean KL(FP32 || variant) of the softmax outputs (nats).
 By default they run in the PyTorch simulation (fast; the simulation matches ORT to within an output
 step, ``edgec export`` checks that per artifact); ``ort=True`` exports each variant and measures the
-ONNX file in ONNX Runtime instead. ``int8_vs_float_time`` is left None: it is to be filled from the
-per-layer profile (``edgec profile``) once that exists.
+ONNX file in ONNX Runtime instead. ``int8_vs_float_time`` is the layer's time in the uniform quantized
+artifact over its time in the FP32 export (> 1: the integer kernels are slower), from one interleaved
+ONNX Runtime profile of the two (:func:`edgec.bench.profile.profile_models`) when ``ort`` or ``profile``
+is given; None otherwise, or where the profile has no time for the layer on one side.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class LayerSensitivity:
     drop_only_float: float | None  # FP32 accuracy minus the accuracy with only this layer float
     kl_only_float: float | None
     weight_bits: int | None = None  # the layer's bits in the recipe (None: the recipe keeps it float)
-    int8_vs_float_time: float | None = None  # from the per-layer profile, not measured here yet
+    int8_vs_float_time: float | None = None  # int8 / float time of this layer in ORT (ort= or profile=)
 
 
 @dataclass
@@ -134,10 +136,24 @@ class _Variants:
         return acc0 - float((z.argmax(1) == y).mean()), _kl(self.fp32, z)
 
 
+def _layer_times(model, quantized, shape: tuple, runs: int = 50) -> dict[str, float]:
+    """Per layer: int8_us / fp32_us from one interleaved ORT profile of the FP32 and the quantized export."""
+    from edgec.bench.profile import profile_models
+    from edgec.export.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model, shape, Path(tmp) / "fp32.onnx").path
+        uniform = export_onnx(quantized, shape, Path(tmp) / "uniform.onnx").path
+        prof = profile_models([fp32, uniform], runs=runs)
+    return {r.layer: r.ratio for r in prof.layers if r.ratio is not None}
+
+
 def analyze_model(model, data, *, recipe="ptq-int8", samples: int = 1000, calibration_samples: int = 256,
-                  layers: str | None = None, ort: bool = False, seed: int = 0, progress=None) -> SensitivityResult:
+                  layers: str | None = None, ort: bool = False, profile: bool = False, seed: int = 0,
+                  progress=None) -> SensitivityResult:
     """Per-layer sensitivity of ``model`` (FP32, eval mode) on ``data`` (a DataBundle) under ``recipe``
-    (a Recipe, a shipped name or a YAML path). ``layers``: a glob restricting which layers are analysed."""
+    (a Recipe, a shipped name or a YAML path). ``layers``: a glob restricting which layers are analysed;
+    ``ort`` or ``profile``: each layer's int8-vs-float time from an ORT profile."""
     import torch
 
     from edgec.capture import example_from_data
@@ -173,6 +189,10 @@ def analyze_model(model, data, *, recipe="ptq-int8", samples: int = 1000, calibr
                                 LayerOverride("*", keep_float=True)), y)
         only_f = v.measure((LayerOverride(_exact(name), keep_float=True),), y)
         rows.append(LayerSensitivity(name, *only_q, *only_f, weight_bits=p.weight_bits))
+    if ort or profile:
+        times = _layer_times(model, full, tuple(x.shape[1:]))
+        for r in rows:
+            r.int8_vs_float_time = times.get(r.layer) if r.weight_bits is not None else None
     return SensitivityResult(rows=rows, fp32_accuracy=acc0, quantized_accuracy=float((z.argmax(1) == y).mean()),
                              quantized_kl=_kl(v.fp32, z), samples=len(x), calibration_samples=len(calib),
                              measured_in="onnxruntime" if ort else "pytorch simulation",
@@ -182,7 +202,8 @@ def analyze_model(model, data, *, recipe="ptq-int8", samples: int = 1000, calibr
 
 
 def analyze_run(run_dir, *, samples: int = 1000, calibration_samples: int = 256, layers: str | None = None,
-                ort: bool = False, trust_model_file: bool = False, progress=None) -> SensitivityResult:
+                ort: bool = False, profile: bool = False, trust_model_file: bool = False,
+                progress=None) -> SensitivityResult:
     """:func:`analyze_model` on a run directory: its FP32 input model, data SPEC and recipe."""
     from edgec.data import load_data
     from edgec.errors import RunDirError
@@ -196,7 +217,7 @@ def analyze_run(run_dir, *, samples: int = 1000, calibration_samples: int = 256,
     model = rebuild_model(Path(run_dir), "input", trust_model_file=trust_model_file)
     data = load_data(run["identity"]["data"], seed=recipe.seed, max_eval=samples)
     return analyze_model(model, data, recipe=recipe, samples=samples, calibration_samples=calibration_samples,
-                         layers=layers, ort=ort, seed=recipe.seed, progress=progress)
+                         layers=layers, ort=ort, profile=profile, seed=recipe.seed, progress=progress)
 
 
 def _pct(v: float | None) -> str:

@@ -233,6 +233,7 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
     reasons: dict[str, str] = {}
     ok, why = measurable(ctx.target)
     doc["latency"] = why
+    doc["bench"] = {"batch": bench.batch, "threads": bench.threads}  # where the speed-ups were timed
     if pol.keep_slow_float and ok and can_float:
         extra, reasons = _for_speed(bench, spec, names, fixed, pol, doc, ctx.log)
     elif pol.keep_slow_float:

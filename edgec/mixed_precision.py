@@ -320,6 +320,7 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
     if budgets:  # edgec.budget turned the size budget into a sparsity at the deployed bits: float layers would break it
         ok, why = False, f"a size budget (target_bytes in {', '.join(budgets)}) fixes every layer at its deployed bits"
     doc["latency"] = why
+    doc["bench"] = {"batch": bench.batch, "threads": bench.threads}  # where the speed-ups were timed
     if pol.keep_slow_float and ok and can_float:
         extra, reasons = _for_speed(bench, spec, names, fixed, pol, doc, ctx.log)
     elif pol.keep_slow_float:

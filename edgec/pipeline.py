@@ -6,7 +6,7 @@
 3. the FP32 input model and the compressed model, as they are in memory, are exported to ONNX and
    checked (:func:`edgec.export.artifact.export_model`);
 4. both artifacts are measured in ONNX Runtime (accuracy, size, memory; latency of the two in one
-   interleaved run, :func:`edgec.bench.compare.compare_latency`), robust accuracy when the recipe
+   interleaved run per batch, :mod:`edgec.bench.run_latency`), robust accuracy when the recipe
    trains adversarially, EED's dynamic ensemble when there is one;
 5. the report is written (:func:`edgec.report.write_report`).
 
@@ -329,21 +329,6 @@ def _graph_fields(path: str, b: dict) -> dict:
     return {k: b[k] for k in SUMMARY_KEYS} if all(k in b for k in SUMMARY_KEYS) else graph_summary(path)
 
 
-def _interleaved_latency(rows: list[dict], recipe: Recipe, ex, console) -> dict:
-    """Time the artifacts of ``rows`` in one interleaved run; their latency fields take its numbers."""
-    from edgec.bench.compare import compare_latency
-
-    bc = recipe.bench
-    cmp = compare_latency({r["name"]: r["path"] for r in rows}, threads=bc.threads, batch=bc.batch, warmup=bc.warmup,
-                          runs=bc.runs, rounds=bc.rounds, sample=ex[:bc.batch] if ex is not None else None)
-    for r in rows:
-        m, s = cmp["models"][r["name"]], cmp["speedup_vs_first"][r["name"]]
-        r.update(latency_p50_ms=m["p50_ms"], latency_p90_ms=m["p90_ms"], throughput_per_s=m["throughput_per_s"],
-                 latency_rounds=cmp["rounds"], latency_round_p50_ms=m["round_p50_ms"],
-                 speedup_vs_fp32=s["median"], speedup_spread=[s["min"], s["max"]], latency_method=cmp["method"])
-    return cmp
-
-
 def _fidelity_gate(run_dir: Path, run: dict, recipe: Recipe, rows: list[dict], px, input_model, final_model, *,
                    allow_low_fidelity: bool, console=None):
     """Fidelity of model_compressed.onnx to the FP32 input model (edgec.export.fidelity): adds
@@ -417,15 +402,13 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
                                                            opset=recipe.export.opset, parity_x=px, console=console)
         ensemble_dir = run_dir / "export" / ENSEMBLE_DIR
     if recipe.bench.enabled:
-        result.latency = _interleaved_latency(rows, recipe, ex, console)
-        for b, r in zip(benches, rows):  # the table shows the interleaved timing, the one the report uses
-            m = result.latency["models"][r["name"]]
-            b["latency_ms"].update(p50=m["p50_ms"], p90=m["p90_ms"], mean=m["mean_ms"])
-            b["throughput_per_s"] = m["throughput_per_s"]
+        from edgec.bench.run_latency import apply_to_benches, interleaved_latency, latency_line
+
+        result.latency = interleaved_latency(rows, recipe, ex)  # at bench.batch and every bench.batches
+        apply_to_benches(benches, rows, result.latency)  # the table shows the timing the report uses
         if console is not None:
             print_bench_table(benches, console)
-            console.print(f"latency: {result.latency['method']}, batch {recipe.bench.batch}, "
-                          f"{recipe.bench.threads} thread(s)")
+            console.print(latency_line(result.latency, recipe.bench.threads))
         adv = robustness_rows(run, recipe, rows, {"input": input_model, "final": final_model}, ex, ey,
                               console=console)
         if ensemble_dir is not None:
@@ -443,7 +426,10 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
         (console.print if console is not None else _plain_print)(
             "bench.enabled is false in the recipe: artifacts exported and checked, not measured")
     result.rows = rows
-    paths = write_report(run_dir, rows, title=f"edgec {recipe.name} on {run['identity']['data']}")
+    from edgec.report_sections import precision_report
+
+    paths = write_report(run_dir, rows, title=f"edgec {recipe.name} on {run['identity']['data']}",
+                         precision=precision_report(run_dir, recipe))  # stages/stageN.precision.json
     result.report = {k: str(v) for k, v in paths.items()}
     if console is not None and recipe.bench.enabled and rows[0]["accuracy"] is not None:
         _print_summary(console, rows, paths)
@@ -483,10 +469,11 @@ def check_accuracy_gate(recipe: Recipe, rows: list[dict], labels, result: RunRes
 
 def _print_summary(console, rows: list[dict], paths: dict) -> None:
     a0, a1 = rows[0]["accuracy"], rows[1]["accuracy"]
-    lo, hi = rows[1]["speedup_spread"]
+    from edgec.bench.run_latency import batch_speedups
+
     console.print(f"[bold]accuracy {a0:.2%} -> {a1:.2%} ({(a1 - a0) * 100:+.2f} pt), "
-                  f"fidelity to FP32 {rows[1].get('fidelity_top1', float('nan')):.2%}, ORT p50 speed-up x{rows[1]['speedup_vs_fp32']:.2f} (x{lo:.2f}-x{hi:.2f} over "
-                  f"{rows[1]['latency_rounds']} interleaved rounds), deployed weights "
+                  f"fidelity to FP32 {rows[1].get('fidelity_top1', float('nan')):.2%}, ORT p50 speed-up "
+                  f"{batch_speedups(rows[1])} over {rows[1]['latency_rounds']} interleaved rounds, deployed weights "
                   f"{rows[0]['weight_bytes_deployed'] / 1024:.1f} KB -> {rows[1]['weight_bytes_deployed'] / 1024:.1f} KB[/]")
     console.print(f"report: {paths['md']}  plot: {paths['png']}")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -54,7 +54,11 @@ class ExportCfg(_Strict):
 class BenchCfg(_Strict):
     enabled: bool = Field(True, description="false: the artifacts are exported and checked but not measured")
     threads: int = Field(1, ge=1)
-    batch: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1, description="the headline batch: the report's p50 and speedup_vs_fp32, accuracy "
+                                            "batches, the precision choice of quantizing stages")
+    batches: list[Annotated[int, Field(ge=1)]] = Field([1, 32], description=(
+        "batches the FP32 and compressed artifacts are also timed at, each in its own interleaved run (the report "
+        "shows p50 and speed-up at every one; bench.batch always is one of them); [] = bench.batch only"))
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
     rounds: int = Field(5, ge=1, description="interleaved rounds when the run's artifacts are timed against each "

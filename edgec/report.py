@@ -61,14 +61,19 @@ def _cell(text: Any) -> str:
     return str(text if text is not None else DASH).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
-    """The Markdown report: title, one table row per model, column notes."""
+def render_markdown(rows: list[dict], *, title: str, created: str, precision: dict | None = None) -> str:
+    """The Markdown report: title, one table row per model (p50 and speed-up at every batch the rows were
+    timed at, ``latency_by_batch``), column notes, and the sections (``precision``: the run's precision
+    decision, :func:`edgec.report_sections.precision_report`)."""
     base = _num(rows[0].get("latency_p50_ms")) if rows else None
     batches = sorted({r.get("batch") for r in rows if r.get("batch")})
     bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "see batch column"
+    by_batch = _timed_batches(rows)  # two or more: a p50 / speed-up column pair per batch
+    lat_head = [h for b in by_batch for h in (f"p50 ms (batch {b})", f"speed-up vs first (batch {b})")] \
+        if by_batch else [f"p50 ms ({bdesc})", "speed-up vs first"]
     fid = any(r.get("fidelity_top1") is not None for r in rows)
     graph = any(r.get("macs") is not None for r in rows)  # MACs / params / peak memory of the ONNX graph
-    head = ["name", "format", "bits", "accuracy %", *(["fidelity %"] if fid else []), f"p50 ms ({bdesc})", "speed-up vs first",
+    head = ["name", "format", "bits", "accuracy %", *(["fidelity %"] if fid else []), *lat_head,
             "file KB", "deployed weight KB", *(_GRAPH_HEAD if graph else []), "sparsity %", "params nonzero"]
     targets = any(r.get("device") for r in rows)  # where each row was measured (bench --remote / bench.remote)
     if targets:
@@ -86,8 +91,7 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
             *([_fmt(r.get("fidelity_top1"), ".2f", 100.0)
                + (f" ({_fmt(r.get('fidelity_sqnr_db'), '.1f')} dB)" if _num(r.get("fidelity_sqnr_db")) is not None
                   else "")] if fid else []),
-            _fmt(lat, ".3f"),
-            speedup,
+            *(_batch_cells(r, rows[0], by_batch) if by_batch else [_fmt(lat, ".3f"), speedup]),
             _fmt(r.get("file_bytes"), ".1f", 1 / 1024),
             _fmt(r.get("weight_bytes_deployed"), ".2f", 1 / 1024),
             *(_graph_cells(r) if graph else []),
@@ -97,7 +101,7 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
         if targets:
             cells.append(_cell(r.get("device")))
         lines.append("| " + " | ".join(cells) + " |")
-    method = next((r["latency_method"] for r in rows if r.get("latency_method")), None)
+    method = _methods(rows, by_batch)
     lines += [
         "",
         (f"Latency: {method}; p50 = median over rounds of each round's p50; speed-up = median over rounds of "
@@ -118,7 +122,48 @@ def render_markdown(rows: list[dict], *, title: str, created: str) -> str:
                   "rows (NAME @ DEVICE) are timed there in separate runs, their speed-up against the fp32 artifact "
                   "on the same device; an emulated device's latency is not a device speed.", ""]
     lines += _group_sections(rows)
+    from edgec.report_sections import render_precision
+
+    lines += render_precision(precision)
     return "\n".join(lines)
+
+
+def _timed_batches(rows: list[dict]) -> list[int]:
+    """The batches of the rows' ``latency_by_batch`` (ascending) when there are two or more."""
+    out = sorted({int(b) for r in rows for b in (r.get("latency_by_batch") or {})})
+    return out if len(out) > 1 else []
+
+
+def _at_batch(r: dict, b: int, head: int | None) -> tuple[float | None, dict]:
+    """(p50, the dict with its speed-up fields) of row ``r`` at batch ``b``; a row without per-batch
+    timing counts at its own ``batch`` (else at the first row's)."""
+    per = (r.get("latency_by_batch") or {}).get(str(b))
+    if per:
+        return _num(per.get("p50_ms")), per
+    if (r.get("batch") or head) == b:
+        return _num(r.get("latency_p50_ms")), r
+    return None, {}
+
+
+def _batch_cells(r: dict, first: dict, batches: list[int]) -> list[str]:
+    cells = []
+    for b in batches:
+        lat, src = _at_batch(r, b, first.get("batch"))
+        base, _ = _at_batch(first, b, first.get("batch"))
+        cells += [_fmt(lat, ".3f"), _speedup_cell(src, base, lat) if lat is not None else DASH]
+    return cells
+
+
+def _methods(rows: list[dict], by_batch: list[int]) -> str | None:
+    """How the latency was timed: the first timed row's method, one per batch when there are several."""
+    r = next((r for r in rows if r.get("latency_method")), None)
+    if r is None:
+        return None
+    per = r.get("latency_by_batch") or {}
+    if not by_batch or not per:
+        return r["latency_method"]
+    head = f" (the headline batch, `speedup_vs_fp32` in report.json: batch {r['batch']})" if r.get("batch") else ""
+    return "; ".join(f"batch {b}: {per[str(b)]['latency_method']}" for b in by_batch if str(b) in per) + head
 
 
 _GRAPH_HEAD = ["MMACs/item", "params", "peak act KB (batch 1)"]
@@ -280,8 +325,9 @@ def _plot(rows: list[dict], *, title: str, write) -> None:
     fig.savefig(write, format="png", bbox_inches="tight")
 
 
-def write_report(run_dir: Path, rows: list[dict], *, title: str) -> dict[str, Path]:
+def write_report(run_dir: Path, rows: list[dict], *, title: str, precision: dict | None = None) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``pareto.png`` into ``run_dir`` (atomically).
+    ``precision``: the run's precision decision (report.json ``precision``, report.md's section).
 
     Returns ``{"json": path, "md": path, "png": path}``.
     """
@@ -292,11 +338,12 @@ def write_report(run_dir: Path, rows: list[dict], *, title: str) -> dict[str, Pa
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md",
              "png": run_dir / "pareto.png"}
 
-    doc = json.loads(json.dumps({"title": title, "created": created, "rows": rows},
+    doc = json.loads(json.dumps({"title": title, "created": created, "rows": rows,
+                                 **({"precision": precision} if precision else {})},
                                 default=_json_default))  # numpy scalars -> plain values
     text = json.dumps(_plain(doc), indent=2, ensure_ascii=False, allow_nan=False)
     atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
-    md = render_markdown(rows, title=title, created=created)
+    md = render_markdown(rows, title=title, created=created, precision=precision)
     atomic_write(paths["md"], lambda f: f.write(md.encode()))
     atomic_write(paths["png"], lambda f: _plot(rows, title=title, write=f))
     return paths

@@ -6,7 +6,8 @@ from edgec.devices import resolve_device
 
 __all__ = ["device_rows"]
 
-_LOCAL_TIMING = ("speedup_vs_fp32", "speedup_spread", "latency_rounds", "latency_round_p50_ms", "latency_method")
+_LOCAL_TIMING = ("speedup_vs_fp32", "speedup_spread", "latency_rounds", "latency_round_p50_ms", "latency_method",
+                 "latency_by_batch")
 
 
 def device_rows(rows: list[dict], recipe, ex, ey, groups=None, *, console=None) -> list[dict]:

@@ -262,6 +262,12 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
     rest = sorted((n for n in names if n not in extra and n not in fixed and delta.get(n, 0) > 0),
                   key=lambda n: -delta[n])
     tried = []
+    if spec.weight_bits < 8 and speed < 1.0 and rest:
+        # below 8 bits the stage is there for size: floating whole layers to win speed would undo it
+        doc["more_float_skipped"] = (f"x{speed:.2f} vs FP32, but a W{spec.weight_bits} stage is for size: no further "
+                                     "layer floated for speed (set `layers:` to choose)")
+        log(f"[yellow]precision: {doc['more_float_skipped']}[/]")
+        rest = []
     while speed < 1.0 and rest:  # the whole artifact still slower than FP32: the next slowest layers float
         step = max(1, len(rest) // 4)
         for n in rest[:step]:
@@ -276,6 +282,10 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
         doc["more_float_tried"] = tried
     speed, extra, reasons = best
     doc["chosen_speedup"] = speed
+    if extra and all(n in extra or n in fixed for n in names):
+        doc["all_float"] = ("every conv/linear layer is faster in float on this target: the artifact is the FP32 "
+                            "model (set `precision: {keep_slow_float: false}` to quantize for size anyway)")
+        log(f"[yellow]precision: {doc['all_float']}[/]")
     log(f"precision: uniform x{doc['uniform_speedup']:.2f} vs FP32; {len(extra)} layer(s) kept float for speed "
         f"-> x{speed:.2f}")
     return extra, reasons

@@ -130,6 +130,33 @@ def pruned_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
     return files
 
 
+def depthwise_rows(args, spec: str) -> dict[str, Path]:
+    """The depthwise row: benchmarks/user_archs.py's MobileNetV2-style model (inverted residuals, ReLU6,
+    a forward flag) from its user_models.py baseline, as a user model FILE through the shipped
+    ``prune-channels-int8`` recipe (same fine-tuning budget) next to int8 alone (``ptq-int8``)."""
+    weights = HERE / "work" / "user_models" / "mobilenetv2-flag.pt"
+    if not weights.is_file():
+        log(f"no {weights}: run benchmarks/user_models.py --phase train --archs mobilenetv2-flag first; no depthwise row")
+        return {}
+    model = f"{HERE / 'user_archs.py'}:mobilenetv2_flag"
+    files = {}
+    ptq = WORK / "mbv2-int8-ptq"
+    if not (ptq / "export" / "model_compressed.onnx").is_file():
+        _compress(model, spec, "ptq-int8", ptq, weights=weights)
+    files["mbv2 fp32"] = ptq / "export" / "model_fp32.onnx"
+    files["mbv2 int8 ptq"] = ptq / "export" / "model_compressed.onnx"
+    ch = WORK / "mbv2-prune-channels-int8"
+    if not (ch / "export" / "model_compressed.onnx").is_file():
+        import edgec
+
+        edgec.compress(model, spec, "prune-channels-int8", out=ch, weights=str(weights), force=True, overrides=[
+            f"stages.0.epochs={args.ft_epochs}", f"stages.0.max_train_samples={args.ft_samples}",
+            f"stages.0.round_to={args.round_to}", "stages.0.batch_size=128", f"stages.1.epochs={args.qat_epochs}",
+            f"stages.1.max_train_samples={args.qat_samples}", "bench.enabled=false", "export.min_fidelity=0"])
+    files["mbv2 ch 2x + int8 (prune-channels-int8)"] = ch / "export" / "model_compressed.onnx"
+    return files
+
+
 def measure(files: dict[str, Path], ex, ey, args) -> list[dict]:
     from edgec import runtime
     from edgec.bench.compare import compare_latency
@@ -192,6 +219,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--part", choices=("resnet", "depthwise", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="tiny budget, writes under benchmarks/work/quick/ only")
     args = ap.parse_args()
     global WORK, RESULTS
@@ -201,7 +229,7 @@ def main() -> int:
     root = cifar10_root()
     if root is None:
         return 2
-    if not args.baseline.is_file():
+    if args.part != "depthwise" and not args.baseline.is_file():
         print(f"no baseline at {args.baseline}: train it with benchmarks/resnet20_baseline.py", file=sys.stderr)
         return 2
     import torch
@@ -212,9 +240,11 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     spec = f"cifar10:{root}"
     t0 = time.perf_counter()
-    files = pruned_rows(args, spec, args.baseline)
     ex, ey = to_numpy(load_data(spec, seed=0).eval, limit=500 if args.quick else None)
-    rows = measure(files, ex, ey, args)
+    dw = depthwise_rows(args, spec) if args.part in ("depthwise", "all") else {}
+    rows = measure(dw, ex, ey, args) if dw else []
+    if args.part in ("resnet", "all"):
+        rows = measure(pruned_rows(args, spec, args.baseline), ex, ey, args) + rows
     import onnxruntime
     import torch_pruning
 
@@ -227,6 +257,11 @@ def main() -> int:
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                          "torch_pruning": torch_pruning.__version__}, "wall_s": round(time.perf_counter() - t0)}
     RESULTS.mkdir(parents=True, exist_ok=True)
+    old = RESULTS / f"{STEM}.json"
+    if args.part != "all" and old.is_file():  # keep the other part's rows of an earlier call
+        mine = {r["model"] for r in rows}
+        kept = [r for r in json.loads(old.read_text())["rows"] if r["model"] not in mine]
+        rows = ([*rows, *kept] if args.part == "resnet" else [*kept, *rows])
     (RESULTS / f"{STEM}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     keys = ["model", "accuracy", "delta_pt_vs_fp32", "p50_ms_b1", "speedup_b1", "p50_ms_b32", "speedup_b32", "macs",
             "macs_vs_fp32", "params", "weight_bytes_deployed", "peak_activation_bytes"]

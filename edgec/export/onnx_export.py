@@ -395,7 +395,12 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], out: Path, *, op
         # second graph input; export the captured graph instead (defaults concrete, the same module names)
         from edgec.capture import capture, example_from_shape
 
-        m = capture(m, example_from_shape(tuple(input_shape)))
+        from edgec.quant.prepare import fold_batchnorm
+
+        # BatchNorms folded here, not by the exporter: the exporter's fold renames the weights (onnx::Conv_N)
+        # and the captured graph's scopes lose the module path, so only the weight names ("blocks.0.conv.weight")
+        # still tie the graph's convs to the user's layers (edgec profile, mixed precision)
+        m = fold_batchnorm(capture(m, example_from_shape(tuple(input_shape))))
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)
     try:

@@ -41,7 +41,8 @@ import torch
 
 from edgec.quant.precision import LayerOverride
 
-__all__ = ["DECISION", "choose", "decision_path", "eval_indices", "measurable", "read_decision", "read_overrides"]
+__all__ = ["DECISION", "apply_decision", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
+           "read_overrides"]
 
 DECISION = "stages/stage{index}.precision.json"
 
@@ -82,10 +83,18 @@ def _user_fixed(spec, names: list[str]) -> set[str]:
     return {n for n in names for o in spec.layers if fnmatch.fnmatchcase(n, o.match)}
 
 
-def _with(spec, extra: dict[str, LayerOverride]):  # noqa: D401
+def _with(spec, extra: dict[str, LayerOverride], norms_float: bool = False):
     """``spec`` with exact-name overrides for ``extra`` placed before the user's globs (theirs never
-    match those names: :func:`_user_fixed` excludes them)."""
-    return replace(spec, layers=tuple(extra.values()) + tuple(spec.layers))
+    match those names: :func:`_user_fixed` excludes them); ``norms_float``: unfoldable norms left float
+    (no ``norm_bits``)."""
+    return replace(spec, layers=tuple(extra.values()) + tuple(spec.layers),
+                   norm_bits=None if norms_float else spec.norm_bits)
+
+
+def apply_decision(spec, doc: dict):
+    """``spec`` as the recorded decision ``doc`` chose it (its overrides, and its norms float if it said so)."""
+    return replace(spec, layers=read_overrides(doc) + tuple(spec.layers),
+                   norm_bits=None if doc.get("norms_float") else spec.norm_bits)
 
 
 class _Bench:
@@ -278,9 +287,13 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
         tried.append({"float": sorted(extra), "speedup": speed})
         if speed > best[0]:
             best = (speed, dict(extra), dict(reasons))
+    speed, extra, reasons = best
+    if spec.weight_bits >= 8 and speed < 1.0:
+        # still slower than FP32 with every slower conv/linear float: what is left is not a conv kernel
+        # (int8 norms: norm_bits; the Q/DQ around the last integer layers); try those too
+        speed, extra, reasons = _last_resort(bench, spec, names, fixed, doc, tried, (speed, extra, reasons))
     if tried:
         doc["more_float_tried"] = tried
-    speed, extra, reasons = best
     doc["chosen_speedup"] = speed
     if extra and all(n in extra or n in fixed for n in names):
         doc["all_float"] = ("every conv/linear layer is faster in float on this target: the artifact is the FP32 "
@@ -289,6 +302,26 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
     log(f"precision: uniform x{doc['uniform_speedup']:.2f} vs FP32; {len(extra)} layer(s) kept float for speed "
         f"-> x{speed:.2f}")
     return extra, reasons
+
+
+def _last_resort(bench: _Bench, spec, names, fixed, doc: dict, tried: list, best: tuple) -> tuple:
+    """Candidates past the per-layer rule: norms float (a stage with ``norm_bits``), then every layer float;
+    the fastest measured wins (``doc["norms_float"]`` records the first)."""
+    speed, extra, reasons = best
+    every = {**extra, **{n: LayerOverride(_exact(n), keep_float=True) for n in names if n not in fixed}}
+    cands = ([(dict(extra), True)] if spec.norm_bits is not None else []) + [(every, spec.norm_bits is not None)]
+    for ext, norms in cands:
+        if ext == extra and not norms:
+            continue
+        sp = bench.speedups({"chosen": bench.export(_with(spec, ext, norms))[0]})["chosen"]
+        tried.append({"float": sorted(ext), "norms_float": norms, "speedup": sp})
+        if sp > speed:
+            why = f"artifact x{speed:.2f} vs FP32 with the slower layers float"
+            speed, extra, doc["norms_float"] = sp, ext, norms
+            reasons = {**{n: why for n in ext}, **reasons}
+        if speed >= 1.0:
+            break
+    return speed, extra, {n: reasons[n] for n in extra}
 
 
 def _for_accuracy(bench: _Bench, model, spec, extra: dict, names: list[str], fixed: set[str], pol, ctx,
@@ -333,6 +366,9 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
     doc["bench"] = {"batch": bench.batch, "threads": bench.threads}  # where the speed-ups were timed
     if pol.keep_slow_float and ok and can_float:
         extra, reasons = _for_speed(bench, spec, names, fixed, pol, doc, ctx.log)
+        if doc.get("norms_float"):
+            ctx.log("precision: unfoldable norms left float (norm_bits off): int8 norms were slower than FP32")
+            spec = replace(spec, norm_bits=None)
     elif pol.keep_slow_float:
         doc["latency"] = why if not ok else "this stage cannot keep layers float (pqk): not measured"
         ctx.log(f"[yellow]precision: {doc['latency']}[/]")
@@ -357,7 +393,7 @@ def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, ca
     if ctx.dist.world_size > 1:  # rank 0's view: another rank must not see the file rank 0 is about to write
         recorded = broadcast_object(recorded)
     if recorded:  # a rebuild, a resumed run, or the stage's second prepare (pqk): the recorded choice
-        return replace(spec, layers=read_decision(path) + tuple(spec.layers))
+        return apply_decision(spec, json.loads(path.read_text()))
     if ctx.rebuild or pol is None or (not pol.keep_slow_float and pol.max_drop is None):
         return spec
     doc = None
@@ -374,6 +410,6 @@ def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, ca
         doc = broadcast_object(doc)
     chosen = read_overrides(doc)
     ctx.record(event="precision", kept_float=[o.match for o in chosen if o.keep_float],
-               promoted=[o.match for o in chosen if not o.keep_float],
+               promoted=[o.match for o in chosen if not o.keep_float], norms_float=bool(doc.get("norms_float")),
                uniform_speedup=doc.get("uniform_speedup"), chosen_speedup=doc.get("chosen_speedup"))
-    return replace(spec, layers=chosen + tuple(spec.layers))
+    return apply_decision(spec, doc)

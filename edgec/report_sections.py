@@ -86,6 +86,12 @@ def _stage_section(d: dict, exported: dict) -> list[str]:
               f"| layers not at the stage's uniform precision | 0 | {len(nonuni)} of {len(layers)} |", ""]
     if d.get("per_layer_rejected"):
         lines += [f"Per-layer choice rejected: {_cell(d['per_layer_rejected'])}.", ""]
+    for key, label in (("more_float_skipped", "Not floated further"), ("all_float", "All float")):
+        if d.get(key):
+            lines += [f"{label}: {_cell(d[key])}.", ""]
+    if d.get("norms_float"):
+        lines += ["Unfoldable norms left float (`norm_bits` off): with them in int8 the artifact stayed slower "
+                  "than FP32.", ""]
     reasons = {o["match"]: o.get("reason") for o in d.get("chosen_overrides") or []}
     slow = {r["layer"]: r for r in d.get("slow_layers") or []}
     if nonuni:

@@ -610,7 +610,7 @@ def test_cifar10_32x32_input(workdir, user_file, capsys):
     res = run_cli(capsys, "compress", "--model", f"{user_file}:Branchy", "--data", f"cifar10:{root}",
                   "--recipe", "qat-int8", "--out", out, "--set", "stages.0.epochs=1",
                   "--set", "stages.0.max_train_samples=256", "--set", "export.parity_samples=200",
-                  "--set", "bench.enabled=false", "--device", "cpu")
+                  "--set", "bench.enabled=false", "--device", "cpu", *UNIFORM)
     assert res.code == 0, res.err + res.out
     par = json.loads((out / "export/model_compressed.check.json").read_text())["parity"]
     assert par["top1_agreement"] >= 0.99 and par["fused_compute"] == par["compute_nodes"] == 3, par

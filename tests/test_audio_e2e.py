@@ -74,6 +74,7 @@ stages:
     norm_bits: 8
     calibration_samples: 256
     kd: {teacher: input, temperature: 2.0, alpha: 0.5}
+    precision: {keep_slow_float: false}   # the int8 pipeline end to end (on this CPU BC-ResNet-1 runs faster float)
 bench: {runs: 5, warmup: 1}
 export: {parity_samples: 200}
 """

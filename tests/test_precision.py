@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from cli_util import run_cli
-from edgec.data import load_data, to_numpy
+from edgec.data import load_data
 from edgec.errors import InputError, RecipeError
 from edgec.export.check import check_export
 from edgec.export.onnx_export import export_onnx
@@ -20,6 +20,7 @@ from edgec.quant.modules import QUANT_MODULES, ActQuant
 from edgec.quant.precision import LayerOverride
 from edgec.quant.prepare import QuantSpec, calibrate, quantize_model
 from edgec.targets import get_target
+from test_export import digits  # noqa: F401  (the same module-scoped fixture: eval x/y + 256 calibration)
 
 
 def train(name: str, epochs: int = 3):
@@ -33,14 +34,6 @@ def train(name: str, epochs: int = 3):
         eval_set=None, cfg=TrainConfig(epochs=epochs, batch_size=32, lr=0.003, optimizer="adam", weight_decay=0.0),
         ckpt_path=None, dist=DistContext.single("cpu"))
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    data = load_data("digits")
-    x, y = to_numpy(data.eval)
-    cx, _ = to_numpy(data.train, limit=256)
-    return x, y, cx
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,19 @@ def budget(args) -> dict:
                "pgd_step": round(2.5 * EPS / args.at_steps, 6)},
         "eed": {"epochs": args.eed_epochs, "train_samples": args.eed_samples, "pgd_steps": args.eed_steps,
                 "pgd_step": round(2.5 * EPS / args.eed_steps, 6), "importance_batches": args.importance_batches},
+        **({"structure": "channel", "target_macs": args.target_macs, "round_to": args.round_to}
+           if args.structure == "channel" else {}),
     }
 
 
 def overrides(b: dict) -> tuple[str, ...]:
     at, ee = b["at"], b["eed"]
-    return (f"stages.0.epochs={at['epochs']}", f"stages.0.max_train_samples={at['train_samples']}",
+    extra = ()
+    if b.get("structure") == "channel":
+        extra = ("stages.1.structure=channel", f"stages.1.target_macs={b['target_macs']}")
+        if b.get("round_to"):
+            extra += (f"stages.1.round_to={b['round_to']}",)
+    return extra + (f"stages.0.epochs={at['epochs']}", f"stages.0.max_train_samples={at['train_samples']}",
             f"stages.0.adversarial.steps={at['pgd_steps']}", f"stages.0.adversarial.step={at['pgd_step']}",
             f"stages.1.epochs={ee['epochs']}", f"stages.1.max_train_samples={ee['train_samples']}",
             f"stages.1.adversarial.steps={ee['pgd_steps']}", f"stages.1.adversarial.step={ee['pgd_step']}",
@@ -158,6 +165,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (training and attacks)")
     ap.add_argument("--baseline-epochs", type=int, default=5)
+    ap.add_argument("--structure", choices=("weight", "channel"), default="weight",
+                    help="channel: members lose whole channels to --target-macs (issue 13); results and work dir "
+                         "get a -channel suffix")
+    ap.add_argument("--target-macs", type=float, default=0.5, help="structure channel: each member's MACs ratio")
+    ap.add_argument("--round-to", type=int, default=None, help="structure channel: channel multiples")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="FP32 checkpoint to start from (default: the 5-epoch work/ baseline; e.g. "
+                         "benchmarks/baselines/resnet20-cifar10-e30-s0.pt)")
     args = ap.parse_args()
     if args.quick:
         args.at_epochs = args.eed_epochs = 1
@@ -178,14 +193,15 @@ def main() -> int:
     from edgec.runtime.ensemble import DynamicEnsemble
 
     torch.set_num_threads(args.threads)
-    work = WORK / ("eed-quick" if args.quick else "eed")
+    sfx = "-channel" if args.structure == "channel" else ""
+    work = WORK / (f"eed{sfx}-quick" if args.quick else f"eed{sfx}")
     out_dir = work if args.quick else RESULTS
     work.mkdir(parents=True, exist_ok=True)
     spec = f"cifar10:{root}"
     t0 = time.perf_counter()
     data = load_data(spec, seed=0)
     ex, ey = to_numpy(data.eval)
-    base = baseline(data, args.baseline_epochs, 0, 2000 if args.quick else None)
+    base = args.baseline or baseline(data, args.baseline_epochs, 0, 2000 if args.quick else None)
     b = budget(args)
     run_dir, compress_s = run_eed(spec, base, work, overrides(b))
     run = read_run(run_dir)
@@ -203,7 +219,9 @@ def main() -> int:
         export_onnx(dense, (3, 32, 32), dense_onnx)
         eed = run["identity"]["recipe"]["stages"][1]
         export_ensemble(ens, run, art / "ensemble", opset=17, parity_x=px, agree=eed.get("agree"),
-                        extra_meta={"scores": eed["scores"], "target_sparsity": eed["target_sparsity"]})
+                        extra_meta={"scores": eed["scores"], **({"structure": "channel", "target_macs": eed["target_macs"]}
+                                                if eed.get("structure") == "channel"
+                                                else {"target_sparsity": eed["target_sparsity"]})})
         (art / "key").write_text(mkey)
     parity = {"dense": check_export(dense, dense_onnx, px).as_dict(),
               "ensemble": json.loads((art / "ensemble" / "ensemble.check.json").read_text())}
@@ -255,11 +273,15 @@ def main() -> int:
 
     # ---- results ------------------------------------------------------------------------------------
     from edgec.bench import onnx_weight_stats
+    from edgec.export.graph_stats import count_macs_params
 
-    st = {"dense": onnx_weight_stats(dense_onnx), "member0": onnx_weight_stats(member0)}
-    ens_stats = [onnx_weight_stats(art / "ensemble" / m) for m in dyn.meta["members"]]
+    def stats(path):
+        return {**onnx_weight_stats(path), "macs": count_macs_params(path)["macs"]}
+
+    st = {"dense": stats(dense_onnx), "member0": stats(member0)}
+    ens_stats = [stats(art / "ensemble" / m) for m in dyn.meta["members"]]
     st["full"] = st["dynamic"] = {k: sum(s[k] for s in ens_stats) for k in ("params_nonzero", "params_total",
-                                                                             "weight_bytes_deployed")}
+                                                                             "weight_bytes_deployed", "macs")}
     rows = []
     for name, k in zip(ROWS, ("dense", "member0", "full", "dynamic")):
         rows.append({
@@ -271,6 +293,7 @@ def main() -> int:
             "latency_mean_ms_b1": round(lat[k]["mean_ms"], 4), "latency_p50_ms_b1": round(lat[k]["p50_ms"], 4),
             "latency_vs_full_ensemble": round(lat[k]["mean_ms"] / lat["full"]["mean_ms"], 3),
             "params_nonzero": st[k]["params_nonzero"], "weight_bytes_deployed": st[k]["weight_bytes_deployed"],
+            "macs_all_members": st[k]["macs"],
         })
     events = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cal = next((e for e in events if e.get("event") == "eed_calibration"), {})
@@ -287,7 +310,7 @@ def main() -> int:
         "latency": {"batch": 1, "threads": 1, "inputs": args.latency_inputs, "rounds": args.rounds,
                     "how": "per input the 4 artifacts back to back in rotating order; per-input median over rounds, "
                            "mean over inputs", "raw": lat},
-        "eed": {"threshold": dyn.threshold, "agree": dyn.agree, "scores": dyn.meta.get("scores"),
+        "eed": {"threshold": dyn.threshold, "member_macs": [s["macs"] for s in ens_stats], "agree": dyn.agree, "scores": dyn.meta.get("scores"),
                 "member_clean_acc_test10k": member_acc, "pruned_overlap": masks.get("pruned_overlap"),
                 "calibration": {k: cal.get(k) for k in ("held_out", "threshold", "accuracy", "avg_members",
                                                          "full_accuracy", "target_accuracy", "member_accuracy")}},
@@ -295,7 +318,7 @@ def main() -> int:
         "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "wall_s": round(time.perf_counter() - t0),
     }
-    stem = out_dir / (STEM + ("-quick" if args.quick else ""))
+    stem = out_dir / (STEM.replace("-eed-", f"-eed{sfx}-") + ("-quick" if args.quick else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     with open(f"{stem}.csv", "w", newline="") as fh:
@@ -338,7 +361,9 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     bx.set_title(f"ORT CPU; dynamic / full = {rows[3]['latency_vs_full_ensemble']:.3f}", fontsize=9)
     bx.set_ylim(0, max(lat) * 1.3)
     bx.grid(axis="y", alpha=0.3)
-    fig.suptitle("ResNet-20 CIFAR-10: PGD-AT dense vs EED (3 differently pruned sub-models, early exit)"
+    how = (f"channel-pruned to {meta['budget']['target_macs']:g} MACs" if meta["budget"].get("structure") == "channel"
+           else "pruned")
+    fig.suptitle(f"ResNet-20 CIFAR-10: PGD-AT dense vs EED (3 differently {how} sub-models, early exit)"
                  + ("  [--quick: driver check, not a result]" if meta["quick"] else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

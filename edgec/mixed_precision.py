@@ -21,6 +21,16 @@ With the stage's ``precision:`` block (:class:`edgec.stages.config.Precision`):
    stage cannot keep layers float: pqk). Promotions are measured in the PyTorch simulation; the chosen
    artifact is then exported and measured in ONNX Runtime on the same samples (``accuracy.met`` needs
    both; the samples are recorded by count and the sha256 of their indices, :func:`eval_indices`).
+   A stage that trains (qat, qkd) judges the tolerance after short **QAT probes** instead: an
+   untrained calibrated W4A4 graph is far below what QAT reaches and would promote nearly every
+   layer. The layers are ranked by the accuracy each recovers when promoted alone (calibrated), and
+   a binary search over that order finds the fewest promotions whose graph, trained for ``probe`` of
+   the stage's training samples (on samples outside the max_drop set), meets the tolerance. (Promoting
+   layers inside an already trained low-bit graph was tried as the cheaper measure and rejected: the
+   trained layers are adapted to their grid, and moving them to 8 bits lowered the accuracy.) The
+   stage then trains from the float model with that precision, and :func:`check_trained` measures
+   the trained graph on the same samples (``after_training``; the exporter's parity check ties it
+   to ONNX Runtime).
 
 Layers the recipe's ``layers:`` overrides name are the user's choice and are never changed. The
 decision (every layer's precision, the reason, uniform vs chosen latency and accuracy) is written to
@@ -41,7 +51,7 @@ import torch
 
 from edgec.quant.precision import LayerOverride
 
-__all__ = ["DECISION", "apply_decision", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
+__all__ = ["DECISION", "apply_decision", "check_trained", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
            "read_overrides"]
 
 DECISION = "stages/stage{index}.precision.json"
@@ -224,22 +234,23 @@ def _promotion(spec, name: str, can_float: bool, bits: dict[str, int]) -> LayerO
     return LayerOverride(_exact(name), keep_float=True) if can_float else None
 
 
-def _meets_drop(bench: _Bench, spec, extra, free: list[str], pol, acc_fp32: float, log, can_float: bool,
+def _meets_drop(measure: Callable, spec, extra, free: list[str], pol, acc_fp32: float, log, can_float: bool,
                 bits: dict[str, int]):
     """Promote layers of ``free`` one at a time (the one that recovers most accuracy first) until the
-    drop holds or none is left. ``bits``: each layer's weight bits without overrides."""
-    acc, agree = bench.accuracy(bench.build(_with(spec, extra)))
+    drop holds or none is left. ``measure(overrides) -> (top-1, agreement)``; ``bits``: each layer's
+    weight bits without overrides."""
+    acc, agree = measure(extra)
     steps = [{"promoted": None, "accuracy": acc, "agreement": agree}]
     free = [n for n in free if n not in extra and _promotion(spec, n, can_float, bits) is not None]
     while acc_fp32 - acc > pol.max_drop and free:
         trials = []
         for k, n in enumerate(free):  # ties: the earlier layer
-            a, _ = bench.accuracy(bench.build(_with(spec, {**extra, n: _promotion(spec, n, can_float, bits)})))
+            a, _ = measure({**extra, n: _promotion(spec, n, can_float, bits)})
             trials.append((a, -k, n))
         _, _, best = max(trials)
         extra = {**extra, best: _promotion(spec, best, can_float, bits)}
         free.remove(best)
-        acc, agree = bench.accuracy(bench.build(_with(spec, extra)))
+        acc, agree = measure(extra)
         steps.append({"promoted": best, "accuracy": acc, "agreement": agree})
         log(f"precision: {best} -> {'float' if extra[best].keep_float else '8 bit'}: top-1 {acc:.4f} "
             f"(FP32 {acc_fp32:.4f}, tolerance {pol.max_drop})")
@@ -324,33 +335,85 @@ def _last_resort(bench: _Bench, spec, names, fixed, doc: dict, tried: list, best
     return speed, extra, {n: reasons[n] for n in extra}
 
 
+def _probe_search(bench: _Bench, spec, extra: dict, free: list[str], pol, acc_fp32: float, probe: Callable, ctx,
+                  can_float: bool, bits: dict[str, int]) -> tuple[dict, dict]:
+    """max_drop for a stage that trains: the fewest promotions, in order of sensitivity, whose graph meets
+    the tolerance after a short QAT probe. Sensitivity: each layer promoted alone in the calibrated graph;
+    then a binary search over the prefix of that order, each candidate built, calibrated, probe-trained
+    (``probe``) and measured. Returns (overrides, the decision's accuracy fields)."""
+    import time
+
+    free = [n for n in free if n not in extra and _promotion(spec, n, can_float, bits) is not None]
+    cold, _ = bench.accuracy(bench.build(_with(spec, extra)))
+    gain = [(bench.accuracy(bench.build(_with(spec, {**extra, n: _promotion(spec, n, can_float, bits)})))[0], -k, n)
+            for k, n in enumerate(free)]  # ties: the earlier layer
+    order = [n for _, _, n in sorted(gain, reverse=True)]
+    tried: dict[int, dict] = {}
+
+    def probed(k: int) -> bool:
+        if k not in tried:
+            t = time.perf_counter()
+            ext = {**extra, **{n: _promotion(spec, n, can_float, bits) for n in order[:k]}}
+            gm = bench.build(_with(spec, ext))
+            info = probe(gm)
+            acc, agree = bench.accuracy(gm.cpu().eval())
+            tried[k] = {"promoted": order[:k], "accuracy": acc, "agreement": agree, "met": acc_fp32 - acc <= pol.max_drop,
+                        "samples": info["samples"], "seconds": round(time.perf_counter() - t, 1)}
+            ctx.log(f"precision: QAT probe with {k} promotion(s): top-1 {acc:.4f} (FP32 {acc_fp32:.4f}, tolerance "
+                    f"{pol.max_drop})")
+        return tried[k]["met"]
+
+    lo, hi = 0, len(order)
+    if not probed(0):
+        while lo + 1 < hi:  # invariant: lo fails; hi meets, or is every promotion
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if probed(mid) else (mid, hi)
+        probed(hi)
+    k = 0 if tried[0]["met"] else hi
+    chosen = {**extra, **{n: _promotion(spec, n, can_float, bits) for n in order[:k]}}
+    res = tried[k]
+    return chosen, {"judged_on": "qat_probe", "calibrated_uniform": cold, "order": order,
+                    "sensitivity": {n: a for a, _, n in gain}, "probes": [tried[i] for i in sorted(tried)],
+                    "probe_share": pol.probe, "met": res["met"], "accuracy": res["accuracy"], "agreement": res["agreement"],
+                    "steps": [{"promoted": n} for n in [None, *order[:k]]]}
+
+
 def _for_accuracy(bench: _Bench, model, spec, extra: dict, names: list[str], fixed: set[str], pol, ctx,
-                  can_float: bool) -> tuple[dict, dict]:
-    """The max_drop step: promotions in the PyTorch simulation, then the chosen artifact checked in ONNX
+                  can_float: bool, probe: Callable | None = None) -> tuple[dict, dict]:
+    """The max_drop step: promotions in the PyTorch simulation (on the graph after the stage's QAT probe
+    when the stage trains), then, for an untrained (PTQ) judgement, the chosen artifact checked in ONNX
     Runtime on the same samples. Returns (overrides, the decision's ``accuracy`` entry)."""
     from edgec.data import indices_sha256
     from edgec.quant.precision import resolve_precision
 
     bits = {n: p.weight_bits for n, p in resolve_precision(names, replace(spec, layers=())).items()}
     acc_fp32, _ = bench.accuracy(model)
-    extra, acc_doc = _meets_drop(bench, spec, extra, [n for n in names if n not in fixed], pol, acc_fp32, ctx.log,
-                                 can_float, bits)
+    free = [n for n in names if n not in fixed]
+    order = bench.eval_order
+    head = {"fp32": acc_fp32, "eval_samples": len(order), "split": "train", "indices_sha256": indices_sha256(order)}
+    if probe is not None:
+        # the stage then trains its graph from the float model: the trained result is checked in
+        # check_trained (after the stage's training), the probes' here
+        extra, acc_doc = _probe_search(bench, spec, extra, free, pol, acc_fp32, probe, ctx, can_float, bits)
+        return extra, {**head, **acc_doc, "simulation_met": acc_doc["met"],
+                       "data": "training samples outside the calibration set (edgec.mixed_precision.eval_indices); "
+                               "the probes train on others, measured in the PyTorch simulation"}
+    measure = lambda ext: bench.accuracy(bench.build(_with(spec, ext)))  # noqa: E731
+    extra, acc_doc = _meets_drop(measure, spec, extra, free, pol, acc_fp32, ctx.log, can_float, bits)
+    doc = {**head, **acc_doc, "simulation_met": acc_doc["met"]}
     # the structure the export writes (pqk trains with BatchNorms unfolded and folds them in convert)
     ort_acc = bench.ort_accuracy(replace(_with(spec, extra), fold_bn=True))
     ort = {"accuracy": ort_acc, "drop": acc_fp32 - ort_acc, "met": acc_fp32 - ort_acc <= pol.max_drop}
     if acc_doc["met"] and not ort["met"]:
         ctx.log(f"[yellow]precision: the chosen artifact drops {ort['drop']:.4f} in ONNX Runtime (simulation "
                 f"{acc_fp32 - acc_doc['accuracy']:.4f}), above max_drop {pol.max_drop}[/]")
-    order = bench.eval_order
-    return extra, {"fp32": acc_fp32, "eval_samples": len(order), "split": "train",
-                   "indices_sha256": indices_sha256(order),
+    return extra, {**doc, "judged_on": "calibrated",
                    "data": "training samples outside the calibration set (edgec.mixed_precision.eval_indices), "
                            "promotions measured in the PyTorch simulation, the choice in ONNX Runtime",
-                   **acc_doc, "simulation_met": acc_doc["met"], "met": acc_doc["met"] and ort["met"],
-                   "onnxruntime": ort}
+                   "met": acc_doc["met"] and ort["met"], "onnxruntime": ort}
 
 
-def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
+def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool, probe: Callable | None) -> dict:
     from edgec.quant.precision import conv_linear_names
 
     names = conv_linear_names(model)
@@ -374,7 +437,7 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
         ctx.log(f"[yellow]precision: {doc['latency']}[/]")
     if pol.max_drop is not None:
         before = set(extra)
-        extra, doc["accuracy"] = _for_accuracy(bench, model, spec, extra, names, fixed, pol, ctx, can_float)
+        extra, doc["accuracy"] = _for_accuracy(bench, model, spec, extra, names, fixed, pol, ctx, can_float, probe)
         reasons.update({n: "accuracy tolerance" for n in extra if n not in before})
     doc["chosen_overrides"] = [{"match": o.match, "keep_float": o.keep_float, "weight_bits": o.weight_bits,
                                 "act_bits": o.act_bits, "reason": reasons.get(n, "")} for n, o in extra.items()]
@@ -383,8 +446,12 @@ def _decide(model, spec, ctx, pol, bench: _Bench, can_float: bool) -> dict:
     return doc
 
 
-def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, calib_manifest: dict | None = None):
-    """The stage's QuantSpec with the measured per-layer choice added (see the module docstring)."""
+def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, calib_manifest: dict | None = None,
+           probe: Callable | None = None):
+    """The stage's QuantSpec with the measured per-layer choice added (see the module docstring).
+
+    ``probe(gm) -> {"samples": n, ...}``: trains a quantized graph in place for the stage's short QAT
+    probe (stages that train; None: max_drop is judged on the calibrated graph)."""
     from edgec.atomic import atomic_write_text
     from edgec.distributed import broadcast_object
 
@@ -401,7 +468,7 @@ def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, ca
         batches, order = _sample_eval(ctx, pol.eval_samples, calib_manifest) if pol.max_drop is not None else ([], [])
         bench = _Bench(model, spec, ctx, build, eval_batches=batches, eval_order=order, runs=pol.profile_runs)
         try:
-            doc = _decide(model, spec, ctx, pol, bench, can_float)
+            doc = _decide(model, spec, ctx, pol, bench, can_float, probe if pol.probe > 0 else None)
         finally:
             bench.close()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -413,3 +480,43 @@ def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, ca
                promoted=[o.match for o in chosen if not o.keep_float], norms_float=bool(doc.get("norms_float")),
                uniform_speedup=doc.get("uniform_speedup"), chosen_speedup=doc.get("chosen_speedup"))
     return apply_decision(spec, doc)
+
+
+def check_trained(gm, ctx) -> dict | None:
+    """After a stage trained with a ``max_drop`` decision: the trained graph's top-1 on the decision's samples
+    (PyTorch simulation) vs the FP32 accuracy recorded there, written into the decision as
+    ``after_training``. Returns that entry (None when the decision has no accuracy step)."""
+    from edgec.atomic import atomic_write_text
+    from edgec.data import indices_sha256
+
+    path = decision_path(ctx)
+    if ctx.rebuild or ctx.dist.rank != 0 or not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    acc_doc, pol = doc.get("accuracy"), doc.get("policy") or {}
+    if not acc_doc or pol.get("max_drop") is None:
+        return None
+    manifest_path = Path(ctx.run_dir) / "calibration" / f"stage{ctx.index}.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    batches, order = _sample_eval(ctx, acc_doc["eval_samples"], manifest)
+    if indices_sha256(order) != acc_doc["indices_sha256"]:
+        ctx.log("[yellow]precision: the max_drop samples cannot be rebuilt (calibration manifest changed): "
+                "trained accuracy not checked[/]")
+        return None
+    was = gm.training
+    dev = next(gm.parameters()).device
+    gm.eval().cpu()
+    with torch.no_grad():
+        hit = sum(int((gm(x).argmax(1) == y).sum()) for x, y in batches)
+    gm.to(dev).train(was)
+    acc = hit / max(len(order), 1)
+    entry = {"accuracy": acc, "drop": acc_doc["fp32"] - acc, "met": acc_doc["fp32"] - acc <= pol["max_drop"],
+             "measured": "PyTorch simulation of the trained graph, the decision's samples"}
+    doc["after_training"] = entry
+    atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
+    ctx.record(event="precision_trained", **entry)
+    colour = "" if entry["met"] else "[yellow]"
+    ctx.log(f"{colour}precision: trained top-1 {acc:.4f} vs FP32 {acc_doc['fp32']:.4f} on the max_drop samples: "
+            f"drop {entry['drop']:.4f} {'within' if entry['met'] else 'ABOVE'} max_drop {pol['max_drop']}"
+            f"{'' if entry['met'] else '[/]'}")
+    return entry

@@ -120,11 +120,24 @@ def _accuracy_steps(d: dict) -> list[str]:
     tol = (d.get("policy") or {}).get("max_drop")
     lines = [f"Accuracy tolerance: max_drop {tol} (top-1 share vs FP32) on {acc.get('eval_samples', DASH)} "
              f"{_cell(acc.get('data', 'samples'))}; FP32 top-1 {_pct(acc.get('fp32'))} %; "
-             f"{'met' if acc.get('met') else 'NOT met (no layer left to promote)'}.", "",
-             "| step | promoted | top-1 % | agreement with FP32 % |", "|---:|:---|---:|---:|"]
-    for i, s in enumerate(acc.get("steps") or []):
-        lines.append(f"| {i} | {_cell(s.get('promoted') or 'none (after the speed step)')} | "
-                     f"{_pct(s.get('accuracy'))} | {_pct(s.get('agreement'))} |")
+             f"{'met' if acc.get('met') else 'NOT met (no layer left to promote)'}.", ""]
+    if acc.get("judged_on") == "qat_probe":
+        lines += [f"Judged after short QAT probes ({_cell(acc.get('probe_share'))} of the stage's training samples "
+                  f"each; uniform calibrated, untrained: {_pct(acc.get('calibrated_uniform'))} %): the fewest "
+                  "promotions, in sensitivity order, whose probe met it.", "",
+                  "| promotions | promoted | top-1 % after the probe | met |", "|---:|:---|---:|:---|"]
+        for pr in acc.get("probes") or []:
+            lines.append(f"| {len(pr['promoted'])} | {_cell(', '.join(pr['promoted']) or 'none')} | "
+                         f"{_pct(pr.get('accuracy'))} | {'yes' if pr.get('met') else 'no'} |")
+    else:
+        lines += ["| step | promoted | top-1 % | agreement with FP32 % |", "|---:|:---|---:|---:|"]
+        for i, s in enumerate(acc.get("steps") or []):
+            lines.append(f"| {i} | {_cell(s.get('promoted') or 'none (after the speed step)')} | "
+                         f"{_pct(s.get('accuracy'))} | {_pct(s.get('agreement'))} |")
+    after = d.get("after_training")
+    if after:
+        lines += ["", f"After the stage's training: top-1 {_pct(after.get('accuracy'))} % on the same samples, drop "
+                      f"{_pct(after.get('drop'))} pt: {'within' if after.get('met') else 'ABOVE'} max_drop."]
     return lines + [""]
 
 

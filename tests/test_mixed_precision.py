@@ -286,8 +286,55 @@ def test_qkd_promotes_the_broken_middle_layer(capsys, tmp_path, fragile_weights)
               "--set", "stages.0.weight_quantizer=minmax", "--set", "stages.0.act_quantizer=ema")
     doc = _decision(out)
     assert doc["accuracy"]["met"] and doc["chosen_overrides"][0]["match"] == "conv2"
+    assert doc["accuracy"]["judged_on"] == "qat_probe"
+    assert {p["samples"] for p in doc["accuracy"]["probes"]} == {32}  # 0.25 x 1 epoch x 128
     promoted = _assert_promoted_to_8_bits(doc, _check(out / "export" / "model_compressed.onnx"), at_8=("conv1", "fc"))
     assert "conv3" not in promoted
+    _assert_after_training(out, doc)
+
+
+def _assert_after_training(out, doc: dict) -> None:
+    """The decision's ``after_training``: the trained graph's top-1 on the decision's own samples."""
+    from edgec.runs import rebuild_model
+
+    data = load_data("digits")
+    manifest = json.loads((out / "calibration" / "stage0.json").read_text())
+    idx = mixed_precision.eval_indices(len(data.train), doc["accuracy"]["eval_samples"], 0, manifest)
+    q = rebuild_model(out, "final")
+    xs = torch.stack([data.train[i][0] for i in idx])
+    ys = torch.as_tensor([int(data.train[i][1]) for i in idx])
+    with torch.no_grad():
+        acc = int((q(xs).argmax(1) == ys).sum()) / len(ys)
+    after = doc["after_training"]
+    assert after["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert after["met"] == (doc["accuracy"]["fp32"] - acc <= doc["policy"]["max_drop"])
+
+
+def test_qat_judges_max_drop_after_qat_probes_not_on_the_untrained_graph(capsys, tmp_path, trained):
+    """W3A3 QAT: judged on the calibrated, untrained graph (probe 0) every decision is pessimistic; with probes
+    the fewest promotions (in the layers' sensitivity order) whose probe-trained graph meets max_drop are
+    chosen by a binary search, and the trained result is checked after the stage's training."""
+    w = save_weights(trained, tmp_path / "fp32.pt")
+    base = ["--weights", w, "--recipe", "qat-int8", "--set", "stages.0.weight_bits=3", "--set", "stages.0.act_bits=3",
+            "--set", "stages.0.calibration_samples=256", *TOLERANCE[:2], "--set", "stages.0.precision.max_drop=0.02",
+            "--set", "stages.0.precision.eval_samples=300", "--set", "stages.0.epochs=2",
+            "--set", "stages.0.max_train_samples=600", "--set", "stages.0.lr=0.01", "--no-export"]
+    _compress(capsys, tmp_path / "untrained", *base, "--set", "stages.0.precision.probe=0")
+    assert _decision(tmp_path / "untrained")["accuracy"]["judged_on"] == "calibrated"
+    _compress(capsys, tmp_path / "probe", *base)
+    doc = _decision(tmp_path / "probe")
+    acc = doc["accuracy"]
+    assert acc["judged_on"] == "qat_probe" and "onnxruntime" not in acc  # a probe is not what gets exported
+    assert sorted(acc["order"]) == sorted(LAYERS) and set(acc["sensitivity"]) == set(LAYERS)
+    tried = {len(p["promoted"]): p for p in acc["probes"]}
+    assert all(p["samples"] == 300 and p["promoted"] == acc["order"][:k] for k, p in tried.items())  # 0.25 x 2 x 600
+    assert tried[0]["accuracy"] > acc["calibrated_uniform"]  # the probe trained the uniform W3A3 graph
+    promoted = [o["match"] for o in doc["chosen_overrides"]]
+    k = len(promoted)
+    assert promoted == acc["order"][:k] and acc["met"] == tried[k]["met"]
+    assert k == 0 or not tried[k - 1]["met"]  # the fewest: one promotion less was probed and missed
+    assert acc["met"] or k == len(LAYERS)
+    _assert_after_training(tmp_path / "probe", doc)
 
 
 # ------------------------------------------------------------------------------------- resume

@@ -91,6 +91,11 @@ class Precision(Strict):
                                                                "longer in at least this share of the profiled calls")
     min_us: float = Field(2.0, ge=0, description="... and by at least this many microseconds (median)")
     eval_samples: int = Field(1000, ge=10, description="samples for the max_drop measurement")
+    probe: float = Field(0.25, ge=0, le=1, description="stages that train (qat, qkd): max_drop is judged on candidate "
+                                                       "graphs trained for this share of the stage's training samples "
+                                                       "(epochs x samples; a binary search over the layers' sensitivity "
+                                                       "order, about log2(layers)+2 probes); 0 = judge the calibrated, "
+                                                       "untrained graph")
     profile_runs: int = Field(50, ge=5, description="profiled / timed calls per artifact")
 
 

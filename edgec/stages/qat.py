@@ -1,6 +1,7 @@
 """``qat``: quantization-aware training (LSQ or EMA/min-max quantizers, STE), optional KD."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -52,9 +53,43 @@ def _quantized(model, cfg, ctx, spec: QuantSpec, loader, device):
     return gm, report, seen
 
 
-def prepare_quantized(model, cfg, ctx, spec: QuantSpec, *, can_float: bool = True):
+def _probe(cfg, ctx, exclude: list[int]):
+    """The QAT probe for max_drop (edgec.mixed_precision): trains a quantized graph in place, with the stage's
+    loss and optimizer, for ``precision.probe`` of its training samples (epochs x samples), on training
+    samples outside the max_drop set; nothing is checkpointed, the test split is not used."""
+    import dataclasses
+    import math
+    import tempfile
+
+    from torch.utils.data import Subset
+
+    from edgec.distributed import DistContext
+
+    pol = cfg.precision
+    per_epoch = min(cfg.max_train_samples or len(ctx.data.train), len(ctx.data.train))
+    total = max(1, math.ceil(pol.probe * cfg.epochs * per_epoch))
+    taken = set(exclude)
+    g = torch.Generator().manual_seed(ctx.seed + 11)
+    pool = [i for i in torch.randperm(len(ctx.data.train), generator=g).tolist() if i not in taken]
+    epochs, n = math.ceil(total / len(pool)), min(total, len(pool))
+
+    def probe(gm) -> dict:
+        pcfg = cfg.model_copy(update={"epochs": epochs, "max_train_samples": None, "warmup_epochs": 0.0})
+        data = dataclasses.replace(ctx.data, train=Subset(ctx.data.train, sorted(pool[:n])), eval=None)
+        with tempfile.TemporaryDirectory(prefix="edgec-probe-") as tmp:
+            pctx = dataclasses.replace(ctx, run_dir=Path(tmp), data=data, resume=False,
+                                       dist=DistContext.single(ctx.device))
+            (Path(tmp) / "checkpoints").mkdir()
+            train_stage(gm.to(ctx.device), pcfg, pctx, desc="precision probe")
+        return {"samples": n * epochs, "epochs": epochs, "share": pol.probe}
+
+    return probe
+
+
+def prepare_quantized(model, cfg, ctx, spec: QuantSpec, *, can_float: bool = True, trains: bool = False):
     """The stage's quantized graph: per-layer precision chosen by measurement first (edgec.mixed_precision;
-    ``can_float=False``: only bit promotions), then quantized and calibrated."""
+    ``can_float=False``: only bit promotions; ``trains``: the stage trains the graph, so max_drop is judged
+    after a short QAT probe), then quantized and calibrated."""
     from edgec import mixed_precision
 
     loader = manifest = None
@@ -65,9 +100,14 @@ def prepare_quantized(model, cfg, ctx, spec: QuantSpec, *, can_float: bool = Tru
             manifest["data"] = ctx.data.spec
             save_manifest(manifest, ctx.run_dir / "calibration" / f"stage{ctx.index}.json")
         loader = torch.utils.data.DataLoader(calib, batch_size=min(128, cfg.calibration_samples))
-    spec = mixed_precision.choose(model, spec, ctx, pol=getattr(cfg, "precision", None), can_float=can_float,
+    pol = getattr(cfg, "precision", None)
+    probe = None
+    if trains and not ctx.rebuild and pol is not None and pol.max_drop is not None and cfg.epochs > 0:
+        probe = _probe(cfg, ctx, mixed_precision.eval_indices(len(ctx.data.train), pol.eval_samples, ctx.seed,
+                                                              manifest))
+    spec = mixed_precision.choose(model, spec, ctx, pol=pol, can_float=can_float,
                                   build=lambda s: _quantized(model, cfg, ctx, s, loader, "cpu")[0],
-                                  calib_manifest=manifest)
+                                  calib_manifest=manifest, probe=probe)
     gm, report, seen = _quantized(model, cfg, ctx, spec, loader, ctx.device)
     if report.left_float:
         ctx.log(f"[yellow]left in float (unsupported for quantization): {', '.join(report.left_float)}[/]")
@@ -118,16 +158,21 @@ def apply_psg_ranges(float_model, gm, ctx) -> None:
 
 class QATHandler:
     def prepare(self, model, cfg, ctx):
-        return prepare_quantized(model, cfg, ctx, quant_spec(cfg, cfg.weight_quantizer, cfg.act_quantizer))
+        return prepare_quantized(model, cfg, ctx, quant_spec(cfg, cfg.weight_quantizer, cfg.act_quantizer),
+                                 trains=True)
 
     def run(self, model, cfg, ctx):
+        from edgec.mixed_precision import check_trained
+
         params = None
         if cfg.quantizer_lr is not None:
             step_params = [m.step for m in model.modules() if isinstance(m, LSQQuantizer)]
             ids = {id(p) for p in step_params}
             params = [{"params": [p for p in model.parameters() if id(p) not in ids]},
                       {"params": step_params, "lr": cfg.quantizer_lr}]
-        return train_stage(model, cfg, ctx, hooks_extra={"params": params} if params else None, desc="qat")
+        metrics = train_stage(model, cfg, ctx, hooks_extra={"params": params} if params else None, desc="qat")
+        check_trained(model, ctx)
+        return metrics
 
     def convert(self, model, cfg, ctx):
         return model

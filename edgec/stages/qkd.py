@@ -87,7 +87,8 @@ def teacher_l2(teacher) -> float:
 
 class QKDHandler:
     def prepare(self, model, cfg, ctx):
-        return prepare_quantized(model, cfg, ctx, quant_spec(cfg, cfg.weight_quantizer, cfg.act_quantizer))
+        return prepare_quantized(model, cfg, ctx, quant_spec(cfg, cfg.weight_quantizer, cfg.act_quantizer),
+                                 trains=True)
 
     def run(self, model, cfg, ctx):
         from edgec.engine import Hooks, fit
@@ -141,6 +142,9 @@ class QKDHandler:
             ctx.record(event="qkd_phase", phase=phase, epochs=n, teacher_l2=teacher_l2(teacher),
                        teacher_temperature=t_c, metrics=m)
         teacher.eval()
+        from edgec.mixed_precision import check_trained
+
+        check_trained(model, ctx)
         return metrics
 
     def convert(self, model, cfg, ctx):

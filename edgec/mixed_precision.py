@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import torch
 
-from edgec.quant.precision import LayerOverride
+from edgec.quant.precision import LayerOverride, exact_glob
 
 __all__ = ["DECISION", "apply_decision", "check_trained", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
            "read_overrides"]
@@ -82,11 +82,6 @@ def measurable(target) -> tuple[bool, str]:
     if target.name == _host():
         return True, f"measured on this host ({machine})"
     return False, f"target {target.name} is not this host ({machine}): latency not measured, no layer kept float for speed"
-
-
-def _exact(name: str) -> str:
-    """A glob matching exactly ``name`` (fnmatch's special characters bracketed)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _user_fixed(spec, names: list[str]) -> set[str]:
@@ -230,8 +225,8 @@ def _sample_eval(ctx, n: int, calib_manifest: dict | None, batch: int = 128):
 def _promotion(spec, name: str, can_float: bool, bits: dict[str, int]) -> LayerOverride | None:
     """8 bits for a layer below 8 (its own bits: first/last_layer_bits count), float for one at 8."""
     if (bits.get(name) or spec.weight_bits) < 8 or spec.act_bits < 8:
-        return LayerOverride(_exact(name), weight_bits=8, act_bits=8)
-    return LayerOverride(_exact(name), keep_float=True) if can_float else None
+        return LayerOverride(exact_glob(name), weight_bits=8, act_bits=8)
+    return LayerOverride(exact_glob(name), keep_float=True) if can_float else None
 
 
 def _meets_drop(measure: Callable, spec, extra, free: list[str], pol, acc_fp32: float, log, can_float: bool,
@@ -265,7 +260,7 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
     slow, delta = _slow_layers(bench, uniform, names, pol)
     doc["slow_layers"] = slow
     doc["int8_minus_float_us"] = {n: round(d, 2) for n, d in delta.items()}
-    extra = {r["layer"]: LayerOverride(_exact(r["layer"]), keep_float=True) for r in slow if r["layer"] not in fixed}
+    extra = {r["layer"]: LayerOverride(exact_glob(r["layer"]), keep_float=True) for r in slow if r["layer"] not in fixed}
     reasons = {r["layer"]: f"int8 {r['int8_us']} us > float {r['fp32_us']} us" for r in slow if r["layer"] in extra}
     if extra:
         chosen, _ = bench.export(_with(spec, extra))
@@ -291,7 +286,7 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
     while speed < 1.0 and rest:  # the whole artifact still slower than FP32: the next slowest layers float
         step = max(1, len(rest) // 4)
         for n in rest[:step]:
-            extra[n] = LayerOverride(_exact(n), keep_float=True)
+            extra[n] = LayerOverride(exact_glob(n), keep_float=True)
             reasons[n] = f"artifact x{speed:.2f} vs FP32; int8 {delta[n]:+.1f} us"
         rest = rest[step:]
         speed = bench.speedups({"chosen": bench.export(_with(spec, extra))[0]})["chosen"]
@@ -319,7 +314,7 @@ def _last_resort(bench: _Bench, spec, names, fixed, doc: dict, tried: list, best
     """Candidates past the per-layer rule: norms float (a stage with ``norm_bits``), then every layer float;
     the fastest measured wins (``doc["norms_float"]`` records the first)."""
     speed, extra, reasons = best
-    every = {**extra, **{n: LayerOverride(_exact(n), keep_float=True) for n in names if n not in fixed}}
+    every = {**extra, **{n: LayerOverride(exact_glob(n), keep_float=True) for n in names if n not in fixed}}
     cands = ([(dict(extra), True)] if spec.norm_bits is not None else []) + [(every, spec.norm_bits is not None)]
     for ext, norms in cands:
         if ext == extra and not norms:

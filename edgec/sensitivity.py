@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgec.errors import InputError
+from edgec.quant.precision import exact_glob
 
 __all__ = ["LayerSensitivity", "SensitivityResult", "analyze_model", "analyze_run", "print_sensitivity",
            "quant_spec_of", "write_sensitivity"]
@@ -81,11 +82,6 @@ def quant_spec_of(recipe):
     cfg = stages[-1]
     observer = getattr(cfg, "observer", "minmax")
     return quant_spec(cfg, "minmax", observer, getattr(cfg, "percentile", 99.99))
-
-
-def _exact(name: str) -> str:
-    """A glob matching exactly ``name`` (fnmatch's special characters bracketed)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -185,9 +181,9 @@ def analyze_model(model, data, *, recipe="ptq-int8", samples: int = 1000, calibr
         p = precision[name]
         only_q = (None, None)
         if not p.keep_float:
-            only_q = v.measure((LayerOverride(_exact(name), weight_bits=p.weight_bits, act_bits=p.act_bits),
+            only_q = v.measure((LayerOverride(exact_glob(name), weight_bits=p.weight_bits, act_bits=p.act_bits),
                                 LayerOverride("*", keep_float=True)), y)
-        only_f = v.measure((LayerOverride(_exact(name), keep_float=True),), y)
+        only_f = v.measure((LayerOverride(exact_glob(name), keep_float=True),), y)
         rows.append(LayerSensitivity(name, *only_q, *only_f, weight_bits=p.weight_bits))
     if ort or profile:
         times = _layer_times(model, full, tuple(x.shape[1:]))

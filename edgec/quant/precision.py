@@ -25,7 +25,7 @@ from torch import nn
 
 from edgec.errors import InputError
 
-__all__ = ["LayerOverride", "LayerPrecision", "check_overrides", "check_recipe_layers", "conv_linear_names",
+__all__ = ["LayerOverride", "LayerPrecision", "check_overrides", "check_recipe_layers", "conv_linear_names", "exact_glob",
            "layer_precision", "overrides_from_config", "resolve_precision"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -45,6 +45,11 @@ class LayerPrecision:
     weight_bits: int | None  # None when float
     act_bits: int | None  # the explicit act bits of an override (None: the stage's defaults place the points)
     source: str  # "default", "first_layer_bits", "last_layer_bits" or the glob that decided it
+
+
+def exact_glob(name: str) -> str:
+    """A ``layers:`` glob matching exactly ``name`` (fnmatch's special characters bracketed)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def overrides_from_config(layers: dict | None) -> tuple[LayerOverride, ...]:

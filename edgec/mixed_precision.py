@@ -25,7 +25,8 @@ With the stage's ``precision:`` block (:class:`edgec.stages.config.Precision`):
    untrained calibrated W4A4 graph is far below what QAT reaches and would promote nearly every
    layer. The layers are ranked by the accuracy each recovers when promoted alone (calibrated), and
    a binary search over that order finds the fewest promotions whose graph, trained for ``probe`` of
-   the stage's training samples (on samples outside the max_drop set), meets the tolerance. (Promoting
+   the stage's training samples (on samples outside the max_drop set), meets the tolerance (no probe
+   when the calibrated uniform graph meets it already). (Promoting
    layers inside an already trained low-bit graph was tried as the cheaper measure and rejected: the
    trained layers are adapted to their grid, and moving them to 8 bits lowered the accuracy.) The
    stage then trains from the float model with that precision, and :func:`check_trained` measures
@@ -339,7 +340,12 @@ def _probe_search(bench: _Bench, spec, extra: dict, free: list[str], pol, acc_fp
     import time
 
     free = [n for n in free if n not in extra and _promotion(spec, n, can_float, bits) is not None]
-    cold, _ = bench.accuracy(bench.build(_with(spec, extra)))
+    cold, cold_agree = bench.accuracy(bench.build(_with(spec, extra)))
+    if acc_fp32 - cold <= pol.max_drop:  # met before any training: QAT starts from this graph, nothing to probe
+        ctx.log(f"precision: the calibrated graph meets max_drop already (top-1 {cold:.4f}, FP32 {acc_fp32:.4f})")
+        return extra, {"judged_on": "calibrated", "calibrated_uniform": cold, "probes": [], "probe_share": pol.probe,
+                       "met": True, "accuracy": cold, "agreement": cold_agree,
+                       "steps": [{"promoted": None, "accuracy": cold, "agreement": cold_agree}]}
     gain = [(bench.accuracy(bench.build(_with(spec, {**extra, n: _promotion(spec, n, can_float, bits)})))[0], -k, n)
             for k, n in enumerate(free)]  # ties: the earlier layer
     order = [n for _, _, n in sorted(gain, reverse=True)]

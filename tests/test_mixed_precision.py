@@ -310,6 +310,25 @@ def _assert_after_training(out, doc: dict) -> None:
     assert after["met"] == (doc["accuracy"]["fp32"] - acc <= doc["policy"]["max_drop"])
 
 
+def test_qat_probes_nothing_when_the_calibrated_graph_meets_max_drop(capsys, tmp_path, weights, monkeypatch):
+    import edgec.stages.base
+
+    def no_training(*a, **k):
+        raise AssertionError("a probe trained although the calibrated graph met max_drop")
+
+    real = edgec.stages.base.train_stage
+    monkeypatch.setattr("edgec.stages.qat.train_stage", lambda m, cfg, ctx, **k: (
+        no_training() if k.get("desc") == "precision probe" else real(m, cfg, ctx, **k)))
+    out = tmp_path / "run"
+    _compress(capsys, out, "--weights", weights, "--recipe", "qat-int8", *TOLERANCE[:2],
+              "--set", "stages.0.precision.max_drop=0.05", "--set", "stages.0.precision.eval_samples=300",
+              "--set", "stages.0.epochs=1", "--set", "stages.0.max_train_samples=128", "--no-export")
+    doc = _decision(out)
+    assert doc["accuracy"]["judged_on"] == "calibrated" and doc["accuracy"]["probes"] == []
+    assert doc["accuracy"]["met"] and doc["chosen_overrides"] == []
+    _assert_after_training(out, doc)
+
+
 def test_qat_judges_max_drop_after_qat_probes_not_on_the_untrained_graph(capsys, tmp_path, trained):
     """W3A3 QAT: judged on the calibrated, untrained graph (probe 0) every decision is pessimistic; with probes
     the fewest promotions (in the layers' sensitivity order) whose probe-trained graph meets max_drop are

@@ -52,7 +52,7 @@ import torch
 
 from edgec.quant.precision import LayerOverride, exact_glob
 
-__all__ = ["DECISION", "apply_decision", "check_trained", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
+__all__ = ["DECISION", "apply_decision", "check_exported", "check_trained", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
            "read_overrides"]
 
 DECISION = "stages/stage{index}.precision.json"
@@ -483,12 +483,61 @@ def choose(model, spec, ctx, *, pol, build: Callable, can_float: bool = True, ca
     return apply_decision(spec, doc)
 
 
+def _decision_samples(run_dir, index: int, train, acc_doc: dict, seed: int, log):
+    """The max_drop samples of stage ``index`` rebuilt from the run's calibration manifest, checked against the
+    decision's sha256; None (and a warning) when they cannot be rebuilt."""
+    from types import SimpleNamespace
+
+    from edgec.data import indices_sha256
+
+    manifest_path = Path(run_dir) / "calibration" / f"stage{index}.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    ctx = SimpleNamespace(data=SimpleNamespace(train=train), seed=seed, index=index)
+    batches, order = _sample_eval(ctx, acc_doc["eval_samples"], manifest)
+    if indices_sha256(order) != acc_doc["indices_sha256"]:
+        log("[yellow]precision: the max_drop samples cannot be rebuilt (calibration manifest changed): not checked[/]")
+        return None
+    return batches, order
+
+
+def check_exported(run_dir, recipe, data, onnx_path, *, log=print) -> dict | None:
+    """The exported artifact measured in ONNX Runtime on the max_drop samples of the recipe's last stage (when
+    that stage decided with a ``max_drop``): ``after_export`` in its decision. A max_drop of an earlier stage
+    is about a model a later stage changed, and is not checked here."""
+    from edgec.atomic import atomic_write_text
+    from edgec.runtime import load_session, predict
+
+    index = len(recipe.stages) - 1
+    path = Path(run_dir) / DECISION.format(index=index)
+    if not path.is_file() or data is None:
+        return None
+    doc = json.loads(path.read_text())
+    acc_doc, pol = doc.get("accuracy"), doc.get("policy") or {}
+    if not acc_doc or pol.get("max_drop") is None:
+        return None
+    got = _decision_samples(run_dir, index, data.train, acc_doc, recipe.seed, log)
+    if got is None:
+        return None
+    batches, order = got
+    sess = load_session(onnx_path, threads=1)
+    hit = sum(int((predict(sess, x.numpy()).argmax(1) == y.numpy()).sum()) for x, y in batches)
+    acc = hit / max(len(order), 1)
+    entry = {"accuracy": acc, "drop": acc_doc["fp32"] - acc, "met": acc_doc["fp32"] - acc <= pol["max_drop"],
+             "artifact": Path(onnx_path).name, "measured": "ONNX Runtime, the decision's samples"}
+    doc["after_export"] = entry
+    atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
+    colour = "" if entry["met"] else "[yellow]"
+    log(f"{colour}precision: {entry['artifact']} in ONNX Runtime: top-1 {acc:.4f} vs FP32 {acc_doc['fp32']:.4f} on "
+        f"the max_drop samples, drop {entry['drop']:.4f} {'within' if entry['met'] else 'ABOVE'} max_drop "
+        f"{pol['max_drop']}{'' if entry['met'] else '[/]'}")
+    return entry
+
+
 def check_trained(gm, ctx) -> dict | None:
     """After a stage trained with a ``max_drop`` decision: the trained graph's top-1 on the decision's samples
     (PyTorch simulation) vs the FP32 accuracy recorded there, written into the decision as
     ``after_training``. Returns that entry (None when the decision has no accuracy step)."""
     from edgec.atomic import atomic_write_text
-    from edgec.data import indices_sha256
 
     path = decision_path(ctx)
     if ctx.rebuild or ctx.dist.rank != 0 or not path.is_file():
@@ -497,13 +546,10 @@ def check_trained(gm, ctx) -> dict | None:
     acc_doc, pol = doc.get("accuracy"), doc.get("policy") or {}
     if not acc_doc or pol.get("max_drop") is None:
         return None
-    manifest_path = Path(ctx.run_dir) / "calibration" / f"stage{ctx.index}.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    batches, order = _sample_eval(ctx, acc_doc["eval_samples"], manifest)
-    if indices_sha256(order) != acc_doc["indices_sha256"]:
-        ctx.log("[yellow]precision: the max_drop samples cannot be rebuilt (calibration manifest changed): "
-                "trained accuracy not checked[/]")
+    got = _decision_samples(ctx.run_dir, ctx.index, ctx.data.train, acc_doc, ctx.seed, ctx.log)
+    if got is None:
         return None
+    batches, order = got
     was = gm.training
     dev = next(gm.parameters()).device
     gm.eval().cpu()

@@ -392,6 +392,10 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
             from edgec.export.sparsity import summary
 
             rows[-1]["nm_sparsity"] = summary(info["nm_sparsity"])
+    from edgec.mixed_precision import check_exported
+
+    check_exported(run_dir, recipe, data, result.artifacts["model_compressed"]["path"],
+                   log=console.print if console is not None else _plain_print)  # a max_drop, measured in ORT
     low_fidelity = _fidelity_gate(run_dir, run, recipe, rows, px, input_model, final_model,
                                   allow_low_fidelity=allow_low_fidelity, console=console)
     ensemble_dir = None

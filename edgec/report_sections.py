@@ -134,10 +134,12 @@ def _accuracy_steps(d: dict) -> list[str]:
         for i, s in enumerate(acc.get("steps") or []):
             lines.append(f"| {i} | {_cell(s.get('promoted') or 'none (after the speed step)')} | "
                          f"{_pct(s.get('accuracy'))} | {_pct(s.get('agreement'))} |")
-    after = d.get("after_training")
-    if after:
-        lines += ["", f"After the stage's training: top-1 {_pct(after.get('accuracy'))} % on the same samples, drop "
-                      f"{_pct(after.get('drop'))} pt: {'within' if after.get('met') else 'ABOVE'} max_drop."]
+    for key, what in (("after_training", "After the stage's training"),
+                      ("after_export", "The exported artifact in ONNX Runtime")):
+        after = d.get(key)
+        if after:
+            lines += ["", f"{what}: top-1 {_pct(after.get('accuracy'))} % on the same samples, drop "
+                          f"{_pct(after.get('drop'))} pt: {'within' if after.get('met') else 'ABOVE'} max_drop."]
     return lines + [""]
 
 

@@ -239,6 +239,8 @@ def test_max_drop_promotes_to_8_bits_until_met_on_training_samples(capsys, tmp_p
     assert acc["met"] and acc["fp32"] - acc["accuracy"] <= 0.1 and acc["onnxruntime"]["drop"] <= 0.1
     assert [s["promoted"] for s in acc["steps"][1:]] == [o["match"] for o in doc["chosen_overrides"]]
     assert doc["chosen_overrides"][0]["match"] == "conv2"  # the one layer that breaks is the first promoted
+    assert "after_training" not in doc  # ptq does not train
+    _assert_after_export(out, doc)
     check = _check(out / "export" / "model_compressed.onnx")
     _assert_promoted_to_8_bits(doc, check)
     assert "latency" in doc and "slow_layers" not in doc  # keep_slow_float off: nothing timed
@@ -291,18 +293,37 @@ def test_qkd_promotes_the_broken_middle_layer(capsys, tmp_path, fragile_weights)
     promoted = _assert_promoted_to_8_bits(doc, _check(out / "export" / "model_compressed.onnx"), at_8=("conv1", "fc"))
     assert "conv3" not in promoted
     _assert_after_training(out, doc)
+    _assert_after_export(out, doc)
+
+
+def _samples(out, doc: dict):
+    data = load_data("digits")
+    manifest = json.loads((out / "calibration" / "stage0.json").read_text())
+    idx = mixed_precision.eval_indices(len(data.train), doc["accuracy"]["eval_samples"], 0, manifest)
+    assert indices_sha256(idx) == doc["accuracy"]["indices_sha256"]
+    return (torch.stack([data.train[i][0] for i in idx]), torch.as_tensor([int(data.train[i][1]) for i in idx]))
+
+
+def _assert_after_export(out, doc: dict) -> None:
+    """The decision's ``after_export``: the exported file's top-1 in ONNX Runtime on the decision's samples."""
+    import onnxruntime as ort
+
+    xs, ys = _samples(out, doc)
+    sess = ort.InferenceSession(str(out / "export" / "model_compressed.onnx"), providers=["CPUExecutionProvider"])
+    pred = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0].argmax(1)
+    acc = float((pred == ys.numpy()).mean())
+    after = doc["after_export"]
+    assert after["accuracy"] == pytest.approx(acc, abs=1e-12) and after["artifact"] == "model_compressed.onnx"
+    assert after["met"] == (doc["accuracy"]["fp32"] - acc <= doc["policy"]["max_drop"])
+    assert "The exported artifact in ONNX Runtime: top-1" in (out / "report.md").read_text()
 
 
 def _assert_after_training(out, doc: dict) -> None:
     """The decision's ``after_training``: the trained graph's top-1 on the decision's own samples."""
     from edgec.runs import rebuild_model
 
-    data = load_data("digits")
-    manifest = json.loads((out / "calibration" / "stage0.json").read_text())
-    idx = mixed_precision.eval_indices(len(data.train), doc["accuracy"]["eval_samples"], 0, manifest)
+    xs, ys = _samples(out, doc)
     q = rebuild_model(out, "final")
-    xs = torch.stack([data.train[i][0] for i in idx])
-    ys = torch.as_tensor([int(data.train[i][1]) for i in idx])
     with torch.no_grad():
         acc = int((q(xs).argmax(1) == ys).sum()) / len(ys)
     after = doc["after_training"]

@@ -179,11 +179,13 @@ def test_precision_section_of_a_decision_judged_after_qat_probes(tmp_path):
         "judged_on": "qat_probe", "probe_share": 0.25, "calibrated_uniform": 0.41, "order": ["block.conv", "block.dw"],
         "probes": [{"promoted": [], "accuracy": 0.90, "met": False}, {"promoted": ["block.conv"], "accuracy": 0.925, "met": True}],
         "steps": [{"promoted": None}, {"promoted": "block.conv"}], "accuracy": 0.925},
-        "after_training": {"accuracy": 0.915, "drop": 0.015, "met": False}}
+        "after_training": {"accuracy": 0.915, "drop": 0.015, "met": False},
+        "after_export": {"accuracy": 0.925, "drop": 0.005, "met": True}}
     md = "\n".join(render_precision({"stages": [{"stage": 1, "method": "qat", "file": "f", **probed}],
                                      "exported": EXPORTED}))
     assert "Judged after short QAT probes (0.25 of the stage's training samples each; uniform calibrated, " \
            "untrained: 41.00 %)" in md
     assert "| 0 | none | 90.00 | no |" in md and "| 1 | block.conv | 92.50 | yes |" in md
     assert "After the stage's training: top-1 91.50 % on the same samples, drop 1.50 pt: ABOVE max_drop." in md
+    assert "The exported artifact in ONNX Runtime: top-1 92.50 % on the same samples, drop 0.50 pt: within" in md
     assert "agreement with FP32" not in md  # the calibrated steps table is for the untrained judgement only

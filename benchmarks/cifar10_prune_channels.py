@@ -112,6 +112,15 @@ def pruned_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
                 "steps": args.steps, "round_to": args.round_to, **ft}]), ch_dir, weights=baseline)
             log(f"edgec ch {r:g}x: {time.perf_counter() - t:.0f} s")
         files[f"edgec ch {r:g}x"] = ch_dir / "export" / "model_compressed.onnx"
+        if args.matched:  # edgec's stage at Torch-Pruning's settings: one shot, no rounding, first layer pruned
+            m_dir = WORK / f"edgec-ch{r:g}x-tp-settings"
+            if not (m_dir / "export" / "model_compressed.onnx").is_file():
+                t = time.perf_counter()
+                _compress("resnet20", spec, _recipe(f"ch{r:g}x-tp-settings", [{
+                    "method": "prune_channels", "target_macs": round(1 / r, 4), "importance": "l2", "scope": "global",
+                    "steps": 1, "round_to": None, "prune_first_last": True, **ft}]), m_dir, weights=baseline)
+                log(f"edgec ch {r:g}x at TP's settings: {time.perf_counter() - t:.0f} s")
+            files[f"edgec ch {r:g}x, TP's settings"] = m_dir / "export" / "model_compressed.onnx"
         for n in args.also_steps:  # the same budget in another number of rounds (FP32 rows only)
             s_dir = WORK / f"edgec-ch{r:g}x-s{n}"
             if not (s_dir / "export" / "model_compressed.onnx").is_file():
@@ -224,6 +233,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="iterative pruning steps of edgec's stage")
     ap.add_argument("--also-steps", type=int, nargs="*", default=[],
                     help="extra FP32 rows: edgec's stage with this many rounds (same total fine-tuning)")
+    ap.add_argument("--matched", action="store_true",
+                    help="extra FP32 rows: edgec's stage at Torch-Pruning's settings (1 step, no round_to, first layer "
+                         "pruned), to separate the pruner from edgec's defaults")
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-samples", type=int, default=10000)
@@ -261,7 +273,7 @@ def main() -> int:
 
     meta = {"task": "CIFAR-10 (JPEG q75 copy), resnet20 (option-B shortcuts)", "baseline": args.baseline.name,
             "budget": {"fine_tune_epochs": args.ft_epochs, "fine_tune_samples": args.ft_samples, "lr": args.ft_lr,
-                       "kd": "from the unpruned baseline, T 4, alpha 0.7", "edgec_steps": args.steps, "also_steps": args.also_steps,
+                       "kd": "from the unpruned baseline, T 4, alpha 0.7", "edgec_steps": args.steps, "also_steps": args.also_steps, "matched": args.matched,
                        "round_to": args.round_to, "qat_epochs": args.qat_epochs, "qat_samples": args.qat_samples},
             "latency": {"threads": 1, "batches": [1, 32], "runs": args.runs, "rounds": args.rounds,
                         "how": "edgec.bench.compare, every artifact in one interleaved run per batch size"},

@@ -76,11 +76,14 @@ def variants(model: str, bits: str, base: str, stage: dict, modes: tuple[str, ..
     (on an edgec without the block: no block, which is today's uniform quantization)."""
     uniform = {"keep_slow_float": False} if precision_supported() else None
     blocks = {"uniform": uniform, "auto": {"keep_slow_float": True},
-              "auto+max_drop": {"keep_slow_float": True, "max_drop": max_drop}}
+              "auto+max_drop": {"keep_slow_float": True, "max_drop": max_drop},
+              "max_drop": {"keep_slow_float": False, "max_drop": max_drop}}  # accuracy only, no speed rule
     out = []
     for mode in modes:
-        label = f"{bits} {mode}" + (f" {max_drop:g}" if mode == "auto+max_drop" else "")
+        label = f"{bits} {mode}" + (f" {max_drop:g}" if "max_drop" in mode else "")
         slug = f"{model}-{bits.lower()}-{mode.replace('+max_drop', f'-drop{max_drop:g}')}"
+        if mode == "max_drop":
+            slug = f"{model}-{bits.lower()}-accuracy-only-drop{max_drop:g}"
         out.append({"row": label, "slug": slug, "bits": bits, "mode": mode,
                     "recipe": stage_recipe(base, slug, stage, blocks[mode])})
     return out
@@ -98,8 +101,12 @@ def cifar_rows(model: str, args) -> list[dict]:
     int8 = {"epochs": args.int8_epochs, "max_train_samples": args.int8_samples}
     w4 = {"weight_bits": 4, "act_bits": 4, "first_layer_bits": 8, "last_layer_bits": 8, "epochs": args.w4_epochs,
           "lr": args.w4_lr, "max_train_samples": args.w4_samples}
-    return (variants(model, "W8A8", "qat-int8", int8, ("uniform", "auto", "auto+max_drop"), args.max_drop)
-            + variants(model, "W4A4", "qat-int8", w4, ("uniform", "auto+max_drop"), args.max_drop))
+    w4_rows = variants(model, "W4A4", "qat-int8", w4, ("uniform",), args.max_drop)
+    for d in args.w4_max_drops or [args.max_drop]:
+        w4_rows += variants(model, "W4A4", "qat-int8", w4, ("auto+max_drop",), d)
+    for d in args.w4_accuracy_only_drops:
+        w4_rows += variants(model, "W4A4", "qat-int8", w4, ("max_drop",), d)
+    return variants(model, "W8A8", "qat-int8", int8, ("uniform", "auto", "auto+max_drop"), args.max_drop) + w4_rows
 
 
 # -------------------------------------------------------------------------------------------- runs
@@ -292,7 +299,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    marks = {"fp32": "o", "uniform": "s", "auto": "^", "auto+max_drop": "D", "nncf-ac": "x"}
+    marks = {"fp32": "o", "uniform": "s", "auto": "^", "auto+max_drop": "D", "max_drop": "v", "nncf-ac": "x"}
     fig, axes = plt.subplots(1, len(models), figsize=(max(7.0, 4.6 * len(models)), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for r in (r for r in rows if r["model"] == model and "accuracy" in r):
@@ -347,6 +354,10 @@ def main() -> int:
     ap.add_argument("--w4-epochs", type=int, default=3)
     ap.add_argument("--w4-samples", type=int, default=10000)
     ap.add_argument("--w4-lr", type=float, default=1e-3)
+    ap.add_argument("--w4-max-drops", type=float, nargs="*", default=None,
+                    help="W4A4 auto rows, one per tolerance (default: --max-drop)")
+    ap.add_argument("--w4-accuracy-only-drops", type=float, nargs="*", default=[],
+                    help="W4A4 rows with max_drop and keep_slow_float false (the tolerance alone), one per value")
     ap.add_argument("--calib-samples", type=int, default=512, help="NNCF calibration samples")
     ap.add_argument("--val-samples", type=int, default=1000, help="NNCF validation samples (held-out train)")
     ap.add_argument("--skip-nncf", action="store_true")

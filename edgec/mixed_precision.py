@@ -4,8 +4,9 @@
 Every quantizing stage (qat, ptq, qkd, pqk) calls :func:`choose` before it builds its quantized graph.
 With the stage's ``precision:`` block (:class:`edgec.stages.config.Precision`):
 
-1. **Slow integer kernels stay float** (``keep_slow_float``, on by default). The stage's uniform
-   quantized graph is calibrated and exported next to the FP32 model, both are profiled in ONNX
+1. **Slow integer kernels stay float** (``keep_slow_float``, on by default; in a stage below 8
+   bits, which is there for size, a slower layer goes to 8 bits instead: :func:`speed_override`).
+   The stage's uniform quantized graph is calibrated and exported next to the FP32 model, both are profiled in ONNX
    Runtime in one interleaved run (:func:`edgec.bench.profile.profile_models`), and every layer whose
    quantized kernels took longer than its float kernel in at least ``slower_share`` of the calls (and
    by more than ``min_us``) is kept float. Then the whole artifact is timed against FP32
@@ -52,8 +53,8 @@ import torch
 
 from edgec.quant.precision import LayerOverride, exact_glob
 
-__all__ = ["DECISION", "apply_decision", "check_exported", "check_trained", "choose", "decision_path", "eval_indices", "measurable", "read_decision",
-           "read_overrides"]
+__all__ = ["DECISION", "apply_decision", "check_exported", "check_trained", "choose", "decision_path", "eval_indices",
+           "measurable", "read_decision", "read_overrides", "speed_override"]
 
 DECISION = "stages/stage{index}.precision.json"
 
@@ -253,22 +254,38 @@ def _meets_drop(measure: Callable, spec, extra, free: list[str], pol, acc_fp32: 
     return extra, {"steps": steps, "met": acc_fp32 - acc <= pol.max_drop, "accuracy": acc, "agreement": agree}
 
 
+def speed_override(name: str, spec, at: dict) -> LayerOverride:
+    """What a layer measured slower than float becomes: float in a stage at 8 bits; in a stage below 8 bits
+    (there for size) 8 bits, still an integer kernel, unless it is at 8 bits already (first/last_layer_bits),
+    then float. ``at``: :func:`edgec.quant.precision.resolve_precision` of the stage."""
+    p = at[name]
+    if (spec.weight_bits < 8 or spec.act_bits < 8) and not (p.weight_bits >= 8 and (p.act_bits or spec.act_bits) >= 8):
+        return LayerOverride(exact_glob(name), weight_bits=8, act_bits=8)
+    return LayerOverride(exact_glob(name), keep_float=True)
+
+
 def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc: dict, log):
     """Float layers for speed: the measured-slower ones if that beats uniform, then more while the
     artifact is slower than FP32; the fastest candidate measured wins (uniform among them, so the chosen
     artifact is never measured slower than uniform). Returns ({name: override}, {name: reason})."""
+    from edgec.quant.precision import resolve_precision
+
     uniform, _ = bench.export(spec)
     slow, delta = _slow_layers(bench, uniform, names, pol)
     doc["slow_layers"] = slow
     doc["int8_minus_float_us"] = {n: round(d, 2) for n, d in delta.items()}
-    extra = {r["layer"]: LayerOverride(exact_glob(r["layer"]), keep_float=True) for r in slow if r["layer"] not in fixed}
-    reasons = {r["layer"]: f"int8 {r['int8_us']} us > float {r['fp32_us']} us" for r in slow if r["layer"] in extra}
+    low = spec.weight_bits < 8 or spec.act_bits < 8
+    at = resolve_precision(names, spec)
+    extra = {r["layer"]: speed_override(r["layer"], spec, at) for r in slow if r["layer"] not in fixed}
+    reasons = {r["layer"]: f"int{at[r['layer']].weight_bits} {r['int8_us']} us > float {r['fp32_us']} us"
+                           + ("" if extra[r["layer"]].keep_float else ": at 8 bits") for r in slow if r["layer"] in extra}
     if extra:
         chosen, _ = bench.export(_with(spec, extra))
         s = bench.speedups({"uniform": uniform, "chosen": chosen})
         doc["uniform_speedup"], speed = s["uniform"], s["chosen"]
         if speed <= doc["uniform_speedup"]:
-            doc["per_layer_rejected"] = (f"{len(extra)} slower layer(s) float measured x{speed:.2f} vs uniform "
+            what = "float / at 8 bits" if low else "float"
+            doc["per_layer_rejected"] = (f"{len(extra)} slower layer(s) {what} measured x{speed:.2f} vs uniform "
                                          f"x{doc['uniform_speedup']:.2f}: kept uniform")
             log(f"precision: {doc['per_layer_rejected']}")
             extra, reasons, speed = {}, {}, doc["uniform_speedup"]

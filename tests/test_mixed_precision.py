@@ -449,3 +449,23 @@ def test_max_drop_without_samples_outside_the_calibration_set_is_refused(capsys,
                   "--set", "stages.0.calibration_samples=1437", "--no-export")
     assert res.code == 2 and "outside the calibration set" in res.err and "calibration_samples" in res.err
     assert not (tmp_path / "run" / "stages" / "stage0.precision.json").exists()
+
+
+def test_a_slower_layer_goes_to_8_bits_in_a_stage_below_8_and_float_at_8():
+    from edgec.quant.precision import resolve_precision
+    from edgec.quant.prepare import QuantSpec
+
+    w4 = QuantSpec(weight_bits=4, act_bits=4, first_layer_bits=8, last_layer_bits=8)
+    at = resolve_precision(LAYERS, w4)
+    o = mixed_precision.speed_override("conv2", w4, at)
+    assert not o.keep_float and (o.weight_bits, o.act_bits) == (8, 8) and o.match == "conv2"
+    # conv1 has 8-bit weights but 4-bit outputs: 8 bits; conv1 at W8A8 by an override: float
+    assert not mixed_precision.speed_override("conv1", w4, at).keep_float
+    from edgec.quant.precision import LayerOverride
+
+    w4o = QuantSpec(weight_bits=4, act_bits=4, layers=(LayerOverride("conv1", weight_bits=8, act_bits=8),))
+    assert mixed_precision.speed_override("conv1", w4o, resolve_precision(LAYERS, w4o)).keep_float
+    w8 = QuantSpec(weight_bits=8, act_bits=8)
+    assert mixed_precision.speed_override("conv2", w8, resolve_precision(LAYERS, w8)).keep_float
+    w8a4 = QuantSpec(weight_bits=8, act_bits=4)  # below 8 bits in its activations: still for size
+    assert not mixed_precision.speed_override("conv2", w8a4, resolve_precision(LAYERS, w8a4)).keep_float

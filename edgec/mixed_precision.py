@@ -254,7 +254,9 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
         doc["all_float"] = ("every conv/linear layer is faster in float on this target: the artifact is the FP32 "
                             "model (set `precision: {keep_slow_float: false}` to quantize for size anyway)")
         log(f"[yellow]precision: {doc['all_float']}[/]")
-    log(f"precision: uniform x{doc['uniform_speedup']:.2f} vs FP32; {len(extra)} layer(s) kept float for speed "
+    n_float = sum(o.keep_float for o in extra.values())
+    what = f"{n_float} float, {len(extra) - n_float} at 8 bits" if len(extra) > n_float else "kept float"
+    log(f"precision: uniform x{doc['uniform_speedup']:.2f} vs FP32; {len(extra)} layer(s) {what} for speed "
         f"-> x{speed:.2f}")
     return extra, reasons
 

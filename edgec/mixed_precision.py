@@ -250,7 +250,7 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
     if tried:
         doc["more_float_tried"] = tried
     doc["chosen_speedup"] = speed
-    if extra and all(n in extra or n in fixed for n in names):
+    if extra and all((n in extra and extra[n].keep_float) or n in fixed for n in names):
         doc["all_float"] = ("every conv/linear layer is faster in float on this target: the artifact is the FP32 "
                             "model (set `precision: {keep_slow_float: false}` to quantize for size anyway)")
         log(f"[yellow]precision: {doc['all_float']}[/]")

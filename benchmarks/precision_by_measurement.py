@@ -164,7 +164,10 @@ def precision_counts(run_dir: str | None) -> dict:
             "layers_8bit": sum(v == "8 bit" for v in layers.values()),
             "kept_float_for_speed": sum(bool(o.get("keep_float")) and o.get("reason") != "accuracy tolerance"
                                         for o in over),
+            "at_8bit_for_speed": sum(not o.get("keep_float") and o.get("reason") != "accuracy tolerance" for o in over),
             "promoted_for_accuracy": sum(o.get("reason") == "accuracy tolerance" for o in over),
+            "after_training": (doc.get("after_training") or {}).get("accuracy"),
+            "after_export": (doc.get("after_export") or {}).get("accuracy"),
             "decision_uniform_speedup": doc.get("uniform_speedup"),
             "decision_chosen_speedup": doc.get("chosen_speedup"), "decision_latency": doc.get("latency")}
 

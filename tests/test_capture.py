@@ -566,6 +566,7 @@ stages:
     optimizer: adam
     lr: 0.0005
     weight_decay: 0.0
+    precision: {keep_slow_float: false}  # two runs compared: a measured choice may differ between them
 """)
     env = subprocess_env(OMP_NUM_THREADS="1", EDGEC_NO_PROGRESS="1")
 

@@ -84,12 +84,13 @@ def test_psg_pulls_weights_to_the_grid_on_digits():
 def test_psg_recipe_end_to_end_on_digits(tmp_path, capsys):
     import json
 
-    from cli_util import run_cli
+    from cli_util import run_cli, uniform_precision
     from test_cli_e2e import train_digits
 
     w = train_digits(tmp_path / "fp32.pt")
     res = run_cli(capsys, "compress", "--model", "digits_cnn", "--weights", w, "--data", "digits", "--recipe", "psg",
-                  "--set", "stages.0.epochs=1", "--set", "bench.runs=5", "--out", tmp_path / "run", "--device", "cpu")
+                  "--set", "stages.0.epochs=1", "--set", "bench.runs=5", "--out", tmp_path / "run", "--device", "cpu",
+                  *uniform_precision("psg", cli=True))  # the subject is the W4 grid of every layer
     assert res.code == 0, res.err
     assert "PSG grid" in res.out
     rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]

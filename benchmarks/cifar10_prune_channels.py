@@ -121,6 +121,21 @@ def pruned_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
                     "steps": 1, "round_to": None, "prune_first_last": True, **ft}]), m_dir, weights=baseline)
                 log(f"edgec ch {r:g}x at TP's settings: {time.perf_counter() - t:.0f} s")
             files[f"edgec ch {r:g}x, TP's settings"] = m_dir / "export" / "model_compressed.onnx"
+        if args.ignore:  # channels kept whole in the modules the globs name (e.g. the 32x32 stage), then int8
+            tag = "+".join(args.ignore)
+            i_dir = WORK / f"edgec-ch{r:g}x-ignore-{tag.replace('*', 'x').replace('.', '_')}"
+            if not (i_dir / "export" / "model_compressed.onnx").is_file():
+                _compress("resnet20", spec, _recipe(f"ch{r:g}x-ignore", [{
+                    "method": "prune_channels", "target_macs": round(1 / r, 4), "importance": "l2", "scope": "global",
+                    "steps": 1, "round_to": args.round_to, "ignore": list(args.ignore), **ft}]), i_dir, weights=baseline)
+            files[f"edgec ch {r:g}x, 1 step, ignore {tag}"] = i_dir / "export" / "model_compressed.onnx"
+            iq_dir = i_dir.with_name(i_dir.name + "-int8")
+            if not (iq_dir / "export" / "model_compressed.onnx").is_file():
+                _compress(rebuild_model(i_dir, "final"), spec, _recipe(f"ch{r:g}x-ignore-int8", [{
+                    "method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples,
+                    "batch_size": 64, "lr": 5e-4, "optimizer": "sgd",
+                    "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}]), iq_dir)
+            files[f"edgec ch {r:g}x, 1 step, ignore {tag} + int8"] = iq_dir / "export" / "model_compressed.onnx"
         for n in args.also_steps:  # the same budget in another number of rounds (FP32 rows only)
             s_dir = WORK / f"edgec-ch{r:g}x-s{n}"
             if not (s_dir / "export" / "model_compressed.onnx").is_file():
@@ -236,6 +251,8 @@ def main() -> int:
     ap.add_argument("--matched", action="store_true",
                     help="extra FP32 rows: edgec's stage at Torch-Pruning's settings (1 step, no round_to, first layer "
                          "pruned), to separate the pruner from edgec's defaults")
+    ap.add_argument("--ignore", nargs="*", default=[],
+                    help="extra rows: edgec's stage (1 step) with these module globs kept whole, FP32 and + int8")
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-samples", type=int, default=10000)
@@ -273,7 +290,7 @@ def main() -> int:
 
     meta = {"task": "CIFAR-10 (JPEG q75 copy), resnet20 (option-B shortcuts)", "baseline": args.baseline.name,
             "budget": {"fine_tune_epochs": args.ft_epochs, "fine_tune_samples": args.ft_samples, "lr": args.ft_lr,
-                       "kd": "from the unpruned baseline, T 4, alpha 0.7", "edgec_steps": args.steps, "also_steps": args.also_steps, "matched": args.matched,
+                       "kd": "from the unpruned baseline, T 4, alpha 0.7", "edgec_steps": args.steps, "also_steps": args.also_steps, "matched": args.matched, "ignore": args.ignore,
                        "round_to": args.round_to, "qat_epochs": args.qat_epochs, "qat_samples": args.qat_samples},
             "latency": {"threads": 1, "batches": [1, 32], "runs": args.runs, "rounds": args.rounds,
                         "how": "edgec.bench.compare, every artifact in one interleaved run per batch size"},

@@ -21,9 +21,10 @@ from edgec.quant.precision import LayerOverride, exact_glob
 __all__ = ["DECISION", "check_exported", "check_trained", "decision_path", "eval_indices", "for_accuracy",
            "sample_eval", "with_overrides"]
 
+
 def with_overrides(spec, extra: dict[str, LayerOverride], norms_float: bool = False):
     """``spec`` with exact-name overrides for ``extra`` placed before the user's globs (theirs never
-    match those names: :func:`_user_fixed` excludes them); ``norms_float``: unfoldable norms left float
+    match those names: edgec.mixed_precision._user_fixed excludes them); ``norms_float``: unfoldable norms left float
     (no ``norm_bits``)."""
     return replace(spec, layers=tuple(extra.values()) + tuple(spec.layers),
                    norm_bits=None if norms_float else spec.norm_bits)
@@ -194,70 +195,72 @@ def _decision_samples(run_dir, index: int, train, acc_doc: dict, seed: int, log)
     return batches, order
 
 
-def check_exported(run_dir, recipe, data, onnx_path, *, log=print) -> dict | None:
-    """The exported artifact measured in ONNX Runtime on the max_drop samples of the recipe's last stage (when
-    that stage decided with a ``max_drop``): ``after_export`` in its decision. A max_drop of an earlier stage
-    is about a model a later stage changed, and is not checked here."""
+def _check(path: Path, run_dir, index: int, train, seed: int, log, *, key: str, predict: Callable,
+           what: str, **fields) -> dict | None:
+    """The shared after-the-fact check: ``predict(x) -> labels`` on the decision's max_drop samples, the entry
+    (top-1, drop vs the recorded FP32, met) written into the decision under ``key``. None when the decision
+    has no max_drop step or its samples cannot be rebuilt."""
     from edgec.atomic import atomic_write_text
-    from edgec.runtime import load_session, predict
 
-    index = len(recipe.stages) - 1
-    path = Path(run_dir) / DECISION.format(index=index)
-    if not path.is_file() or data is None:
+    if not path.is_file():
         return None
     doc = json.loads(path.read_text())
     acc_doc, pol = doc.get("accuracy"), doc.get("policy") or {}
     if not acc_doc or pol.get("max_drop") is None:
         return None
-    got = _decision_samples(run_dir, index, data.train, acc_doc, recipe.seed, log)
+    got = _decision_samples(run_dir, index, train, acc_doc, seed, log)
     if got is None:
         return None
     batches, order = got
-    sess = load_session(onnx_path, threads=1)
-    hit = sum(int((predict(sess, x.numpy()).argmax(1) == y.numpy()).sum()) for x, y in batches)
-    acc = hit / max(len(order), 1)
-    entry = {"accuracy": acc, "drop": acc_doc["fp32"] - acc, "met": acc_doc["fp32"] - acc <= pol["max_drop"],
-             "artifact": Path(onnx_path).name, "measured": "ONNX Runtime, the decision's samples"}
-    doc["after_export"] = entry
+    acc = sum(int((predict(x) == y).sum()) for x, y in batches) / max(len(order), 1)
+    drop = acc_doc["fp32"] - acc
+    entry = {"accuracy": acc, "drop": drop, "met": drop <= pol["max_drop"], **fields}
+    doc[key] = entry
     atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
-    colour = "" if entry["met"] else "[yellow]"
-    log(f"{colour}precision: {entry['artifact']} in ONNX Runtime: top-1 {acc:.4f} vs FP32 {acc_doc['fp32']:.4f} on "
-        f"the max_drop samples, drop {entry['drop']:.4f} {'within' if entry['met'] else 'ABOVE'} max_drop "
-        f"{pol['max_drop']}{'' if entry['met'] else '[/]'}")
+    colour, end = ("", "") if entry["met"] else ("[yellow]", "[/]")
+    log(f"{colour}precision: {what}: top-1 {acc:.4f} vs FP32 {acc_doc['fp32']:.4f} on the max_drop samples, drop "
+        f"{drop:.4f} {'within' if entry['met'] else 'ABOVE'} max_drop {pol['max_drop']}{end}")
     return entry
+
+
+def check_exported(run_dir, recipe, data, onnx_path, *, log=print) -> dict | None:
+    """The exported artifact measured in ONNX Runtime on the max_drop samples of the recipe's last stage (when
+    that stage decided with a ``max_drop``): ``after_export`` in its decision. A max_drop of an earlier stage
+    is about a model a later stage changed, and is not checked here."""
+    from edgec.runtime import load_session, predict
+
+    if data is None:
+        return None
+    index = len(recipe.stages) - 1
+    sess = None
+
+    def run(x):
+        nonlocal sess
+        sess = sess or load_session(onnx_path, threads=1)
+        return torch.from_numpy(predict(sess, x.numpy()).argmax(1))
+
+    name = Path(onnx_path).name
+    return _check(Path(run_dir) / DECISION.format(index=index), run_dir, index, data.train, recipe.seed, log,
+                  key="after_export", predict=run, what=f"{name} in ONNX Runtime", artifact=name,
+                  measured="ONNX Runtime, the decision's samples")
 
 
 def check_trained(gm, ctx) -> dict | None:
     """After a stage trained with a ``max_drop`` decision: the trained graph's top-1 on the decision's samples
     (PyTorch simulation) vs the FP32 accuracy recorded there, written into the decision as
     ``after_training``. Returns that entry (None when the decision has no accuracy step)."""
-    from edgec.atomic import atomic_write_text
-
-    path = decision_path(ctx)
-    if ctx.rebuild or ctx.dist.rank != 0 or not path.is_file():
+    if ctx.rebuild or ctx.dist.rank != 0:
         return None
-    doc = json.loads(path.read_text())
-    acc_doc, pol = doc.get("accuracy"), doc.get("policy") or {}
-    if not acc_doc or pol.get("max_drop") is None:
-        return None
-    got = _decision_samples(ctx.run_dir, ctx.index, ctx.data.train, acc_doc, ctx.seed, ctx.log)
-    if got is None:
-        return None
-    batches, order = got
     was = gm.training
     dev = next(gm.parameters()).device
     gm.eval().cpu()
-    with torch.no_grad():
-        hit = sum(int((gm(x).argmax(1) == y).sum()) for x, y in batches)
-    gm.to(dev).train(was)
-    acc = hit / max(len(order), 1)
-    entry = {"accuracy": acc, "drop": acc_doc["fp32"] - acc, "met": acc_doc["fp32"] - acc <= pol["max_drop"],
-             "measured": "PyTorch simulation of the trained graph, the decision's samples"}
-    doc["after_training"] = entry
-    atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
-    ctx.record(event="precision_trained", **entry)
-    colour = "" if entry["met"] else "[yellow]"
-    ctx.log(f"{colour}precision: trained top-1 {acc:.4f} vs FP32 {acc_doc['fp32']:.4f} on the max_drop samples: "
-            f"drop {entry['drop']:.4f} {'within' if entry['met'] else 'ABOVE'} max_drop {pol['max_drop']}"
-            f"{'' if entry['met'] else '[/]'}")
+    try:
+        with torch.no_grad():
+            entry = _check(decision_path(ctx), ctx.run_dir, ctx.index, ctx.data.train, ctx.seed, ctx.log,
+                           key="after_training", predict=lambda x: gm(x).argmax(1), what="trained graph",
+                           measured="PyTorch simulation of the trained graph, the decision's samples")
+    finally:
+        gm.to(dev).train(was)
+    if entry is not None:
+        ctx.record(event="precision_trained", **entry)
     return entry

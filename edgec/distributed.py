@@ -135,11 +135,20 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank, device=dev)
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group (no-op when none was joined)."""
+def shutdown_distributed(*, sync: bool = True) -> None:
+    """Leave the process group (no-op when none was joined).
+
+    With ``sync`` (the normal end of a job) every rank first meets at a barrier, so no rank tears
+    its gloo/nccl connections down while a peer is still using them: a rank whose peer had already
+    closed its sockets was seen to abort ("terminate called without an active exception") after
+    the work itself had finished. Pass ``sync=False`` on an error path, where a peer may never
+    reach the barrier.
+    """
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
+        if sync and tdist.get_world_size() > 1:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

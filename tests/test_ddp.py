@@ -18,14 +18,15 @@ pytestmark = [pytest.mark.integration,  # torchrun: two processes training toget
 
 
 def torchrun(out: Path, *args: str, expect_rc: int = 0) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", EDGEC_NO_PROGRESS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDGEC_NO_PROGRESS="1", TORCH_SHOW_CPP_STACKTRACES="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(SCRIPT), str(out), *args]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     log = p.stdout + p.stderr
-    assert (p.returncode == 0) == (expect_rc == 0), f"torchrun exited {p.returncode}:\n{log[-4000:]}"
+    shown = log if len(log) <= 12000 else f"{log[:4000]}\n[...]\n{log[-8000:]}"
+    assert (p.returncode == 0) == (expect_rc == 0), f"torchrun exited {p.returncode}:\n{shown}"
     return log
 
 

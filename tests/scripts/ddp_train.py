@@ -13,6 +13,7 @@ K on every rank (an interrupted run, for resume tests).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps")
     a = ap.parse_args(argv)
 
+    faulthandler.enable(all_threads=True)  # a rank that aborts in C++ still shows where Python was
     dist = init_distributed("cpu")
+    clean = False
     try:
         a.out.mkdir(parents=True, exist_ok=True)
         model = make_model(seed=100 + dist.rank)
@@ -58,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         torch.save(model.state_dict(), a.out / f"rank{dist.rank}.pt")
         (a.out / f"metrics_rank{dist.rank}.json").write_text(json.dumps({**metrics, "world_size": dist.world_size}))
-    except Stop as exc:
+        clean = True
+    except Stop as exc:  # every rank stops at the same step: they can still meet at the barrier
         print(f"rank {dist.rank}: {exc}", file=sys.stderr)
+        clean = True
         return 3
     finally:
-        shutdown_distributed()
+        shutdown_distributed(sync=clean)
     return 0
 
 

@@ -160,6 +160,42 @@ def pruned_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
             _compress(m, spec, _recipe(f"tp{r:g}x", [{"method": "distill", **ft}]), tp_dir)
             (tp_dir / "tp_pruner.json").write_text(json.dumps({"pruning_ratio": ratio, "macs_ratio": got}))
         files[f"TP MetaPruner {r:g}x"] = tp_dir / "export" / "model_compressed.onnx"
+    files.update(latency_rows(args, spec, baseline))
+    return files
+
+
+def latency_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
+    """``--latency-ratios``: prune_channels to a share of the *int8* model's measured latency (the stage
+    measures the recipe's quantized graph), then the same QAT as the int8 rows, in one recipe; once
+    with channels selected by importance alone and once by importance per measured microsecond
+    (``select: latency``). A budget the stage cannot reach is logged and the row left out."""
+    from edgec.errors import EdgecError
+
+    files: dict[str, Path] = {}
+    ft = _fine_tune(args, method="prune_channels", baseline=baseline)
+    qat = {"method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples, "batch_size": 64,
+           "lr": 5e-4, "optimizer": "sgd", "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}
+    for ratio in args.latency_ratios:
+        for select in ("importance", "latency"):
+            d = WORK / f"edgec-int8lat{ratio:g}-{select}"
+            name = f"edgec int8 latency x{ratio:g}, select {select} + int8"
+            failed = d / "failed.txt"
+            if failed.is_file():
+                log(f"{name}: {failed.read_text().strip()}")
+                continue
+            if not (d / "export" / "model_compressed.onnx").is_file():
+                t = time.perf_counter()
+                try:
+                    _compress("resnet20", spec, _recipe(f"int8lat{ratio:g}-{select}", [{
+                        "method": "prune_channels", "target_latency_ratio": ratio, "select": select,
+                        "importance": "l2", "scope": "global", "steps": args.steps, "max_extra_steps": 2,
+                        "round_to": args.round_to, **ft}, qat]), d, weights=baseline)
+                except EdgecError as exc:
+                    failed.write_text(str(exc))
+                    log(f"{name}: {exc}")
+                    continue
+                log(f"{name}: {time.perf_counter() - t:.0f} s")
+            files[name] = d / "export" / "model_compressed.onnx"
     return files
 
 
@@ -254,6 +290,8 @@ def main() -> int:
     ap.add_argument("--ignore", nargs="*", default=[],
                     help="extra rows: edgec's stage (1 step) with these module globs kept whole, FP32 and + int8")
     ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--latency-ratios", type=float, nargs="*", default=[],
+                    help="also prune to these shares of the int8 latency, selected by importance and by latency")
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-samples", type=int, default=10000)
     ap.add_argument("--runs", type=int, default=200)
@@ -291,6 +329,7 @@ def main() -> int:
     meta = {"task": "CIFAR-10 (JPEG q75 copy), resnet20 (option-B shortcuts)", "baseline": args.baseline.name,
             "budget": {"fine_tune_epochs": args.ft_epochs, "fine_tune_samples": args.ft_samples, "lr": args.ft_lr,
                        "kd": "from the unpruned baseline, T 4, alpha 0.7", "edgec_steps": args.steps, "also_steps": args.also_steps, "matched": args.matched, "ignore": args.ignore,
+                       "latency_ratios": args.latency_ratios,
                        "round_to": args.round_to, "qat_epochs": args.qat_epochs, "qat_samples": args.qat_samples},
             "latency": {"threads": 1, "batches": [1, 32], "runs": args.runs, "rounds": args.rounds,
                         "how": "edgec.bench.compare, every artifact in one interleaved run per batch size"},

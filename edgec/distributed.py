@@ -114,7 +114,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     if world_size <= 1:
         return DistContext(rank=0, world_size=1, local_rank=0, device=dev)
 
-    rank = _env_int("RANK", 0)
+    _env_int("RANK", 0)  # validated here; the process group reads it itself
     local_rank = _env_int("LOCAL_RANK", 0)
     if dev.type == "cuda":
         if local_rank >= torch.cuda.device_count():

@@ -8,6 +8,16 @@ Each round's budget interpolates MACs (params) linearly from the input's to the 
 at batch 1 (the run's target providers and ``bench.threads``) and aims the next round's MACs at
 ``MACs * (budget / latency)``; after ``steps`` rounds it keeps pruning (``max_extra_steps``) until the
 budget holds, else stops with BudgetExceeded naming the best latency reached and the accuracy there.
+``target_latency_ratio`` is the same budget as a share of the input model's latency, measured the same way.
+
+What is measured (``measure_as``): ``auto`` times the artifact the run deploys -- the recipe's quantizing
+stage's graph, calibrated on a few training batches, when a quantizing stage follows (int8 kernels scale
+with channels very differently from float ones), the FP32 export otherwise.
+
+Which channels go (``select``): ``importance`` ranks by the importance score alone (Torch-Pruning);
+``latency`` divides every group's score by the microseconds one of its channels measurably costs on the
+target at that precision (:mod:`edgec.channel_cost`, re-measured at the start of every round), so the
+budget is spent where removing channels saves time.
 
 The shrunk architecture goes to ``RUN_DIR/stages/stageN.arch.json`` (edgec.architecture): a replay
 (``--resume``, ``edgec export``, ``rebuild_model``) resizes the fresh model to it in ``prepare``.
@@ -25,10 +35,13 @@ from edgec.stages.config import KD, Optim
 from edgec.stages.registry import register_stage
 
 from edgec import architecture as A
+from edgec import channel_cost as K
 from edgec import channels as C
 from edgec.errors import BudgetExceeded
+from edgec.importance import sample_batches
 from edgec.stages.base import train_stage
 
+_TARGETS = ("target_macs", "target_params", "target_latency_ms", "target_latency_ratio")
 _IMPORTANCE = Literal["l1", "l2", "bn_scale", "taylor", "magnitude", "snip", "fisher", "fisher_w2", "random"]
 
 
@@ -40,8 +53,19 @@ class PruneChannelsStage(Optim):
     target_macs: float | None = Field(None, gt=0, description="MACs of one sample: ratio of the input's (<= 1) or count")
     target_params: float | None = Field(None, gt=0, description="parameters: ratio of the input's (<= 1) or count")
     target_latency_ms: float | None = Field(
-        None, gt=0, description="p50 latency of the pruned model's FP32 ONNX export at batch 1 in ONNX Runtime "
+        None, gt=0, description="p50 latency of the pruned model's export (measure_as) at batch 1 in ONNX Runtime "
                                 "(the run's target providers, bench.threads)")
+    target_latency_ratio: float | None = Field(
+        None, gt=0, lt=1, description="target_latency_ms as a share of the input model's latency, measured the same way")
+    measure_as: Literal["auto", "fp32", "quantized"] = Field(
+        "auto", description="latency of the FP32 export or of the recipe's quantized graph (calibrated on a few "
+                            "training batches); auto: quantized when a quantizing stage follows")
+    select: Literal["importance", "latency"] = Field(
+        "importance", description="latency: each group's importance divided by the measured time one of its "
+                                  "channels costs on the target (edgec.channel_cost)")
+    cost_slim: float = Field(0.5, gt=0, lt=1, description="select: latency: the share of every group's channels the "
+                                                         "slimmed copy it is measured against lacks")
+    cost_runs: int = Field(100, ge=10, description="select: latency: profiled calls per measurement")
     importance: _IMPORTANCE = Field("l2", description="edgec.channels: l1/l2 group magnitude, bn_scale (network "
                                                       "slimming), taylor, or an edgec.importance score per group")
     scope: Literal["global", "layer"] = Field("global", description="rank channels over all groups or per layer")
@@ -61,11 +85,16 @@ class PruneChannelsStage(Optim):
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneChannelsStage":
-        given = [k for k in ("target_macs", "target_params", "target_latency_ms") if getattr(self, k) is not None]
+        given = [k for k in _TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of target_macs, target_params (ratio of the input's when <= 1, "
-                             "else a count) and target_latency_ms" + (f"; got {', '.join(given)}" if given else ""))
+                             "else a count), target_latency_ms and target_latency_ratio"
+                             + (f"; got {', '.join(given)}" if given else ""))
         return self
+
+    @property
+    def latency_target(self) -> bool:
+        return self.target_latency_ms is not None or self.target_latency_ratio is not None
 
 
 def _absolute(value: float, base: int) -> float:
@@ -77,7 +106,6 @@ class _Pruning:
 
     def __init__(self, model, cfg, ctx):
         from edgec.capture import example_input
-        from edgec.importance import sample_batches
 
         self.model, self.cfg, self.ctx = model, cfg, ctx
         self.example = example_input(ctx, batch=1).to(ctx.device)
@@ -90,23 +118,59 @@ class _Pruning:
         self.batches = batches
         ignored, self.protected = C.protected_layers(model, self.example, prune_first_last=cfg.prune_first_last,
                                                      ignore=cfg.ignore)
-        self.importance = C.make_importance(cfg.importance, batches_fn=batches, seed=ctx.seed + ctx.index)
+        self.ignored_names = self.protected
+        self.inner = C.make_importance(cfg.importance, batches_fn=batches, seed=ctx.seed + ctx.index)
+        self.importance = K.LatencyAwareImportance(self.inner) if cfg.select == "latency" else self.inner
+        self.spec = _deployed_spec(cfg, ctx)
+        self.calib = ([] if self.spec is None else
+                      sample_batches(ctx.data.train, 4, min(cfg.batch_size, 64), seed=ctx.seed + 77 + ctx.index))
         self.pruner = C.build_pruner(model, self.example, self.importance, ignored=ignored,
                                      global_pruning=cfg.scope == "global", round_to=cfg.round_to,
                                      max_layer_ratio=cfg.max_layer_ratio, resolution=cfg.resolution,
                                      bn_reg=cfg.bn_reg if cfg.importance == "bn_scale" and cfg.bn_reg > 0 else None)
         self.rounds: list[dict] = []
 
+    @property
+    def measured_as(self) -> str:
+        return "fp32" if self.spec is None else f"W{self.spec.weight_bits}A{self.spec.act_bits}"
+
     def refresh(self, step: int) -> None:
         if self.cfg.importance == "taylor":
             C.taylor_gradients(self.model, self.batches(step), self.ctx.device)
-        elif isinstance(self.importance, C.RegistryImportance):
-            self.importance.refresh(self.model, step)
+        elif isinstance(self.inner, C.RegistryImportance):
+            self.inner.refresh(self.model, step)
 
-    def prune_to(self, *, macs: float | None = None, params: float | None = None) -> bool:
+    def export(self, model, path):
+        """``model`` as the run deploys it (``measure_as``), written to ``path``."""
+        return K.deployed_export(model, tuple(self.ctx.data.input_shape), path, spec=self.spec,
+                                 target=self.ctx.target, calib=self.calib)
+
+    def measure_gains(self, rnd: int) -> None:
+        """select: latency -- what one channel of every group costs now (rank 0 measures, every rank uses it)."""
+        from edgec import distributed as D
+
+        if self.cfg.select != "latency":
+            return
+        res = None
+        if self.ctx.dist.rank == 0:
+            res = K.group_gains(self.pruner, self.model, self.example, self.ignored_names, export=self.export,
+                                threads=_threads(self.ctx), providers=list(self.ctx.target.ort_providers),
+                                runs=self.cfg.cost_runs, slim=self.cfg.cost_slim, round_to=self.cfg.round_to)
+            self.model.to(self.ctx.device)
+        res = D.broadcast_object(res)
+        roots = {n: m for m, n in K.root_names(self.pruner, self.model).items()}
+        self.importance.set_gains({roots[n]: g for n, g in res["gains"].items() if n in roots})
+        gains = {n: round(g, 3) for n, g in sorted(res["gains"].items(), key=lambda kv: -kv[1])}
+        self.ctx.record(event="prune_channels_cost", round=rnd, measured_as=self.measured_as, us_per_channel=gains,
+                        run_us=res["run_us"])
+        shown = ", ".join(f"{n} {g:.2f}" for n, g in gains.items())
+        self.ctx.log(f"channel cost ({self.measured_as}, us per channel, round {rnd}): {shown}")
+
+    def prune_to(self, *, macs: float | None = None, params: float | None = None, rnd: int = 0) -> bool:
         def holds(m, p):
             return (macs is None or m <= macs) and (params is None or p <= params)
 
+        self.measure_gains(rnd)
         _, _, held = C.prune_until(self.pruner, self.model, self.example, holds, refresh=self.refresh)
         return held
 
@@ -142,22 +206,47 @@ def _epoch_split(epochs: int, steps: int) -> list[int]:
     return [base + (1 if i >= steps - extra else 0) for i in range(steps)]
 
 
-def _measure_latency(model, cfg, ctx) -> float:
-    """p50 ms of the model's FP32 ONNX export at batch 1 in ORT (the run's providers and threads)."""
+def _threads(ctx) -> int:
+    return ctx.recipe.bench.threads if ctx.recipe is not None else 1
+
+
+def _deployed_spec(cfg, ctx):
+    """The QuantSpec the latency is measured at (None: the FP32 export), from ``measure_as``."""
+    from edgec.errors import RecipeError
+    from edgec.stages import quantizing_methods
+
+    if cfg.measure_as == "fp32" or (cfg.select != "latency" and not cfg.latency_target):
+        return None
+    later = [] if ctx.recipe is None else [s for s in ctx.recipe.stages[ctx.index + 1:]
+                                           if s.method in quantizing_methods()]
+    if not later:
+        if cfg.measure_as == "quantized":
+            raise RecipeError("prune_channels measure_as: quantized needs a quantizing stage (qat, ptq, qkd, pqk) "
+                              "after it", hint="add one, or set measure_as: fp32 (or auto)")
+        return None
+    from edgec.sensitivity import quant_spec_of
+
+    return quant_spec_of(ctx.recipe)
+
+
+def _measure_latency(pr: "_Pruning") -> float:
+    """p50 ms of the model's export (``measure_as``) at batch 1 in ORT (the run's providers and threads);
+    rank 0 measures, every rank gets its number."""
     import tempfile
     from pathlib import Path
 
+    from edgec import distributed as D
     from edgec.bench.latency import bench
-    from edgec.export.onnx_export import export_onnx
 
-    threads = ctx.recipe.bench.threads if ctx.recipe is not None else 1
-    with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
-        out = Path(tmp) / "pruned.onnx"
-        export_onnx(model.cpu().eval(), tuple(ctx.data.input_shape), out)
-        model.to(ctx.device)
-        res = bench(out, threads=threads, batch=1, warmup=20, runs=cfg.latency_runs,
-                    providers=list(ctx.target.ort_providers))
-    return float(res["latency_ms"]["p50"])
+    ctx, lat = pr.ctx, None
+    if ctx.dist.rank == 0:
+        with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
+            out = pr.export(pr.model, Path(tmp) / "pruned.onnx")
+            pr.model.to(ctx.device)
+            res = bench(out, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
+                        providers=list(ctx.target.ort_providers))
+        lat = float(res["latency_ms"]["p50"])
+    return float(D.broadcast_object(lat))
 
 
 def _run_budget(pr: _Pruning, cfg, target_macs: float | None, target_params: float | None) -> None:
@@ -165,7 +254,7 @@ def _run_budget(pr: _Pruning, cfg, target_macs: float | None, target_params: flo
     for k in range(1, cfg.steps + 1):
         goal_m = None if target_macs is None else pr.macs0 - (pr.macs0 - target_macs) * k / cfg.steps
         goal_p = None if target_params is None else pr.params0 - (pr.params0 - target_params) * k / cfg.steps
-        held = pr.prune_to(macs=goal_m, params=goal_p)
+        held = pr.prune_to(macs=goal_m, params=goal_p, rnd=k)
         pr.note(k, pr.fine_tune(split[k - 1]))
         if not held:
             pr.ctx.log(f"[yellow]channel pruning reached its floor (max_layer_ratio {cfg.max_layer_ratio} of every "
@@ -173,31 +262,50 @@ def _run_budget(pr: _Pruning, cfg, target_macs: float | None, target_params: flo
             break
 
 
+def _next_macs(rounds: list[dict], goal_ms: float, left: int) -> float:
+    """The MACs to prune to for a latency of ``goal_ms``: along the secant of the last two measured
+    rounds (latency vs MACs), else -- no usable slope yet, or a measured one that is flat or noisy --
+    MACs scaled by (goal / latency) ** (1 / rounds left). Never more than 60 % of the MACs at once,
+    never less than 2 %."""
+    last = rounds[-1]
+    macs, lat = last["macs"], last["latency_ms"]
+    goal = macs * (goal_ms / lat) ** (1.0 / max(left, 1))
+    if len(rounds) >= 2:
+        prev = rounds[-2]
+        dm, dl = prev["macs"] - macs, prev["latency_ms"] - lat
+        if dm > 0 and dl > 0:
+            goal = macs - (lat - goal_ms) * dm / dl
+    return min(max(goal, 0.4 * macs), 0.98 * macs)
+
+
 def _run_latency(pr: _Pruning, cfg, ctx) -> None:
-    budget = cfg.target_latency_ms
-    lat = _measure_latency(pr.model, cfg, ctx)
+    lat = lat0 = _measure_latency(pr)
     pr.note(0, {}, lat)
+    budget = cfg.target_latency_ms if cfg.target_latency_ms is not None else cfg.target_latency_ratio * lat
+    if cfg.target_latency_ratio is not None:
+        ctx.log(f"latency budget: {cfg.target_latency_ratio} x {lat:.3f} ms = {budget:.3f} ms ({pr.measured_as})")
     split = _epoch_split(cfg.epochs, cfg.steps)
     k, floor = 0, False
     while lat > budget and not floor and k < cfg.steps + cfg.max_extra_steps:
         k += 1
-        left = max(cfg.steps - k + 1, 1)
-        macs, _ = C.count(pr.model, pr.example)
-        goal = macs * (budget / lat) ** (1.0 / left) * (0.95 if k > cfg.steps else 1.0)
-        floor = not pr.prune_to(macs=goal)
+        goal_ms = budget if k >= cfg.steps else lat0 - (lat0 - budget) * k / cfg.steps  # linear in latency
+        floor = not pr.prune_to(macs=_next_macs(pr.rounds, goal_ms, cfg.steps - k + 1), rnd=k)
         metrics = pr.fine_tune(split[k - 1] if k <= cfg.steps else split[-1])
-        lat = _measure_latency(pr.model, cfg, ctx)
+        lat = _measure_latency(pr)
         pr.note(k, metrics, lat)
     if lat > budget:
+        what = (f"target_latency_ms={cfg.target_latency_ms}" if cfg.target_latency_ms is not None else
+                f"target_latency_ratio={cfg.target_latency_ratio} ({budget:.3f} ms)") + f", measured as {pr.measured_as},"
         best = min(pr.rounds, key=lambda r: r["latency_ms"])
         acc = best["eval_acc"]
         raise BudgetExceeded(
-            f"channel pruning did not reach target_latency_ms={budget} in {k} rounds: the best was "
+            f"channel pruning did not reach {what} in {k} rounds: the best was "
             f"{best['latency_ms']:.3f} ms (round {best['round']}, MACs {best['macs_ratio']:.3f} of the input, eval "
             f"accuracy {'n/a' if acc is None else f'{acc:.4f}'})"
             + (" and the pruning floor was reached" if floor else ""),
-            hint="raise target_latency_ms, raise max_layer_ratio / max_extra_steps, measure with more "
-                 "bench.threads, or add a quantizing stage and budget the int8 artifact with `edgec bench --budget-ms`")
+            hint="raise the budget (target_latency_ms / target_latency_ratio), raise max_layer_ratio / "
+                 "max_extra_steps, try select: latency (channels chosen by their measured cost), or measure "
+                 "with more bench.threads")
 
 
 class PruneChannelsHandler:
@@ -210,14 +318,15 @@ class PruneChannelsHandler:
         pr = _Pruning(model, cfg, ctx)
         ctx.log(f"channel pruning ({cfg.importance}, {cfg.scope}, {cfg.steps} rounds): input MACs {pr.macs0:,}, "
                 f"params {pr.params0:,}; kept: {', '.join(pr.protected)}")
-        if cfg.target_latency_ms is not None:
+        if cfg.latency_target:
             _run_latency(pr, cfg, ctx)
         else:
             _run_budget(pr, cfg, None if cfg.target_macs is None else _absolute(cfg.target_macs, pr.macs0),
                         None if cfg.target_params is None else _absolute(cfg.target_params, pr.params0))
         macs, params = C.count(model, pr.example)
         summary = {"macs_before": pr.macs0, "macs_after": macs, "params_before": pr.params0, "params_after": params,
-                   "macs_ratio": macs / pr.macs0, "params_ratio": params / pr.params0, "rounds": pr.rounds}
+                   "macs_ratio": macs / pr.macs0, "params_ratio": params / pr.params0, "rounds": pr.rounds,
+                   "select": cfg.select, "latency_measured_as": pr.measured_as if cfg.latency_target else None}
         ctx.record(event="prune_channels", **summary)
         ctx.log(f"channel pruning done: MACs {pr.macs0:,} -> {macs:,} ({macs / pr.macs0:.3f}), params "
                 f"{pr.params0:,} -> {params:,} ({params / pr.params0:.3f})")

@@ -176,7 +176,7 @@ def latency_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
     qat = {"method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples, "batch_size": 64,
            "lr": 5e-4, "optimizer": "sgd", "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}
     for ratio in args.latency_ratios:
-        for select in ("importance", "latency"):
+        for select in args.latency_selects:
             d = WORK / f"edgec-int8lat{ratio:g}-{select}"
             name = f"edgec int8 latency x{ratio:g}, select {select} + int8"
             failed = d / "failed.txt"
@@ -289,6 +289,9 @@ def main() -> int:
                          "pruned), to separate the pruner from edgec's defaults")
     ap.add_argument("--ignore", nargs="*", default=[],
                     help="extra rows: edgec's stage (1 step) with these module globs kept whole, FP32 and + int8")
+    ap.add_argument("--latency-selects", nargs="+", choices=("importance", "latency"), default=["importance", "latency"],
+                    help="which selections --latency-ratios trains (two calls can train them side by side)")
+    ap.add_argument("--train-only", action="store_true", help="train the missing rows, measure nothing")
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--latency-ratios", type=float, nargs="*", default=[],
                     help="also prune to these shares of the int8 latency, selected by importance and by latency")
@@ -321,6 +324,10 @@ def main() -> int:
     ex, ey = to_numpy(load_data(spec, seed=0).eval, limit=500 if args.quick else None)
     dw = depthwise_rows(args, spec) if args.part in ("depthwise", "all") else {}
     rows = measure(dw, ex, ey, args) if dw else []
+    if args.train_only:
+        if args.part in ("resnet", "all"):
+            pruned_rows(args, spec, args.baseline)
+        return 0
     if args.part in ("resnet", "all"):
         rows = measure(pruned_rows(args, spec, args.baseline), ex, ey, args) + rows
     import onnxruntime

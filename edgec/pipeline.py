@@ -430,10 +430,12 @@ def finish_run(run_dir: Path, run: dict, recipe: Recipe, data, input_model, fina
         (console.print if console is not None else _plain_print)(
             "bench.enabled is false in the recipe: artifacts exported and checked, not measured")
     result.rows = rows
+    from edgec.report_pruning import pruning_report
     from edgec.report_sections import precision_report
 
     paths = write_report(run_dir, rows, title=f"edgec {recipe.name} on {run['identity']['data']}",
-                         precision=precision_report(run_dir, recipe))  # stages/stageN.precision.json
+                         precision=precision_report(run_dir, recipe),  # stages/stageN.precision.json
+                         pruning=pruning_report(run_dir))  # metrics.jsonl's prune_channels events
     result.report = {k: str(v) for k, v in paths.items()}
     if console is not None and recipe.bench.enabled and rows[0]["accuracy"] is not None:
         _print_summary(console, rows, paths)

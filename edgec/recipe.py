@@ -103,6 +103,9 @@ class Recipe(_Strict):
                     + (f"int8 (stage {quant[0]} quantizes; lower bit widths are stored in the int8 container)"
                        if quant else "float32 (no quantizing stage follows)")
                     + f"; set stages.{i}.deployed_bits={want}")
+            if s.method == "prune_channels" and s.measure_as == "quantized" and not any(q > i for q in quant):
+                raise ValueError(f"stage {i}: prune_channels measure_as: quantized needs a quantizing stage (qat, ptq, "
+                                 f"qkd, pqk) after it; add one, or set stages.{i}.measure_as=fp32 (or auto)")
         return stages
 
 

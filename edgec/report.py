@@ -61,10 +61,12 @@ def _cell(text: Any) -> str:
     return str(text if text is not None else DASH).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: list[dict], *, title: str, created: str, precision: dict | None = None) -> str:
+def render_markdown(rows: list[dict], *, title: str, created: str, precision: dict | None = None,
+                    pruning: dict | None = None) -> str:
     """The Markdown report: title, one table row per model (p50 and speed-up at every batch the rows were
     timed at, ``latency_by_batch``), column notes, and the sections (``precision``: the run's precision
-    decision, :func:`edgec.report_sections.precision_report`)."""
+    decision, :func:`edgec.report_sections.precision_report`; ``pruning``: its channel-pruning rounds,
+    :func:`edgec.report_pruning.pruning_report`)."""
     base = _num(rows[0].get("latency_p50_ms")) if rows else None
     batches = sorted({r.get("batch") for r in rows if r.get("batch")})
     bdesc = f"batch {batches[0]}" if len(batches) == 1 else "batch 1" if not batches else "see batch column"
@@ -122,8 +124,10 @@ def render_markdown(rows: list[dict], *, title: str, created: str, precision: di
                   "rows (NAME @ DEVICE) are timed there in separate runs, their speed-up against the fp32 artifact "
                   "on the same device; an emulated device's latency is not a device speed.", ""]
     lines += _group_sections(rows)
+    from edgec.report_pruning import render_pruning
     from edgec.report_sections import render_precision
 
+    lines += render_pruning(pruning)
     lines += render_precision(precision)
     return "\n".join(lines)
 
@@ -325,7 +329,8 @@ def _plot(rows: list[dict], *, title: str, write) -> None:
     fig.savefig(write, format="png", bbox_inches="tight")
 
 
-def write_report(run_dir: Path, rows: list[dict], *, title: str, precision: dict | None = None) -> dict[str, Path]:
+def write_report(run_dir: Path, rows: list[dict], *, title: str, precision: dict | None = None,
+                 pruning: dict | None = None) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``pareto.png`` into ``run_dir`` (atomically).
     ``precision``: the run's precision decision (report.json ``precision``, report.md's section).
 
@@ -339,11 +344,12 @@ def write_report(run_dir: Path, rows: list[dict], *, title: str, precision: dict
              "png": run_dir / "pareto.png"}
 
     doc = json.loads(json.dumps({"title": title, "created": created, "rows": rows,
-                                 **({"precision": precision} if precision else {})},
+                                 **({"precision": precision} if precision else {}),
+                                 **({"pruning": pruning} if pruning else {})},
                                 default=_json_default))  # numpy scalars -> plain values
     text = json.dumps(_plain(doc), indent=2, ensure_ascii=False, allow_nan=False)
     atomic_write(paths["json"], lambda f: f.write((text + "\n").encode()))
-    md = render_markdown(rows, title=title, created=created, precision=precision)
+    md = render_markdown(rows, title=title, created=created, precision=precision, pruning=pruning)
     atomic_write(paths["md"], lambda f: f.write(md.encode()))
     atomic_write(paths["png"], lambda f: _plot(rows, title=title, write=f))
     return paths

@@ -129,6 +129,7 @@ class _Pruning:
                                      max_layer_ratio=cfg.max_layer_ratio, resolution=cfg.resolution,
                                      bn_reg=cfg.bn_reg if cfg.importance == "bn_scale" and cfg.bn_reg > 0 else None)
         self.rounds: list[dict] = []
+        self.input_artifact = None  # the input's export, for target_latency_ratio's interleaved comparisons
 
     @property
     def measured_as(self) -> str:
@@ -184,7 +185,7 @@ class _Pruning:
             extra["after_backward"] = lambda: self.pruner.regularize(self.model)
         return train_stage(self.model, cfg, ctx, hooks_extra=extra, desc="prune_channels")
 
-    def note(self, rnd: int, metrics: dict, latency_ms: float | None = None) -> dict:
+    def note(self, rnd: int, metrics: dict, latency_ms: float | None = None, share: float | None = None) -> dict:
         macs, params = C.count(self.model, self.example)
         acc = metrics.get("eval_acc")
         if acc is None and latency_ms is not None and self.ctx.data.eval is not None:  # the error names it
@@ -192,11 +193,12 @@ class _Pruning:
 
             acc = evaluate(self.model, self.ctx.data.eval, device=self.ctx.device)["accuracy"]
         row = {"round": rnd, "macs": macs, "params": params, "macs_ratio": macs / self.macs0,
-               "eval_acc": acc, "latency_ms": latency_ms}
+               "eval_acc": acc, "latency_ms": latency_ms, "latency_share": share}
         self.rounds.append(row)
         self.ctx.record(event="prune_channels_round", **row)
         self.ctx.log(f"channel pruning round {rnd}: MACs {macs:,} ({macs / self.macs0:.3f} of input), params "
                      f"{params:,}" + (f", latency {latency_ms:.3f} ms" if latency_ms is not None else "")
+                     + (f" ({share:.3f} of the input's, interleaved)" if share is not None and rnd else "")
                      + (f", eval acc {row['eval_acc']:.4f}" if row["eval_acc"] is not None else ""))
         return row
 
@@ -212,41 +214,59 @@ def _threads(ctx) -> int:
 
 def _deployed_spec(cfg, ctx):
     """The QuantSpec the latency is measured at (None: the FP32 export), from ``measure_as``."""
-    from edgec.errors import RecipeError
     from edgec.stages import quantizing_methods
 
     if cfg.measure_as == "fp32" or (cfg.select != "latency" and not cfg.latency_target):
         return None
     later = [] if ctx.recipe is None else [s for s in ctx.recipe.stages[ctx.index + 1:]
                                            if s.method in quantizing_methods()]
-    if not later:
-        if cfg.measure_as == "quantized":
-            raise RecipeError("prune_channels measure_as: quantized needs a quantizing stage (qat, ptq, qkd, pqk) "
-                              "after it", hint="add one, or set measure_as: fp32 (or auto)")
+    if not later:  # measure_as: quantized without one is refused when the recipe is validated
         return None
     from edgec.sensitivity import quant_spec_of
 
     return quant_spec_of(ctx.recipe)
 
 
-def _measure_latency(pr: "_Pruning") -> float:
-    """p50 ms of the model's export (``measure_as``) at batch 1 in ORT (the run's providers and threads);
-    rank 0 measures, every rank gets its number."""
+def _measure_latency(pr: "_Pruning", lat0: float | None = None) -> tuple[float, float | None]:
+    """(p50 ms, share of the input's latency) of the model's export (``measure_as``) at batch 1 in ORT (the
+    run's providers and threads); rank 0 measures, every rank gets the numbers.
+
+    With ``lat0`` (the input's p50, for ``target_latency_ratio``) the share is measured against the input's
+    export in one interleaved run (:func:`edgec.bench.compare.compare_latency`, 3 rounds) and the latency is
+    ``lat0`` x that share, so a loaded machine moves both sides alike; without it the input itself is
+    measured and exported for the later comparisons."""
     import tempfile
     from pathlib import Path
 
     from edgec import distributed as D
+    from edgec.bench.compare import compare_latency
     from edgec.bench.latency import bench
 
-    ctx, lat = pr.ctx, None
+    ctx, out = pr.ctx, None
     if ctx.dist.rank == 0:
-        with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
-            out = pr.export(pr.model, Path(tmp) / "pruned.onnx")
+        providers = list(ctx.target.ort_providers)
+        if lat0 is None:
+            pr.input_artifact = Path(tempfile.mkdtemp(prefix="edgec-prune-lat-")) / "input.onnx"
+            pr.export(pr.model, pr.input_artifact)
             pr.model.to(ctx.device)
-            res = bench(out, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
-                        providers=list(ctx.target.ort_providers))
-        lat = float(res["latency_ms"]["p50"])
-    return float(D.broadcast_object(lat))
+            res = bench(pr.input_artifact, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
+                        providers=providers)
+            out = (float(res["latency_ms"]["p50"]), 1.0)
+        else:
+            with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
+                path = pr.export(pr.model, Path(tmp) / "pruned.onnx")
+                pr.model.to(ctx.device)
+                if pr.cfg.target_latency_ratio is None:
+                    res = bench(path, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
+                                providers=providers)
+                    out = (float(res["latency_ms"]["p50"]), None)
+                else:
+                    cmp = compare_latency({"input": pr.input_artifact, "pruned": path}, threads=_threads(ctx), batch=1,
+                                          warmup=10, runs=pr.cfg.latency_runs, rounds=3, providers=providers)
+                    share = 1.0 / cmp["speedup_vs_first"]["pruned"]["median"]
+                    out = (lat0 * share, share)
+    lat, share = D.broadcast_object(out)
+    return float(lat), share
 
 
 def _run_budget(pr: _Pruning, cfg, target_macs: float | None, target_params: float | None) -> None:
@@ -279,7 +299,8 @@ def _next_macs(rounds: list[dict], goal_ms: float, left: int) -> float:
 
 
 def _run_latency(pr: _Pruning, cfg, ctx) -> None:
-    lat = lat0 = _measure_latency(pr)
+    lat, _ = _measure_latency(pr)
+    lat0 = lat
     pr.note(0, {}, lat)
     budget = cfg.target_latency_ms if cfg.target_latency_ms is not None else cfg.target_latency_ratio * lat
     if cfg.target_latency_ratio is not None:
@@ -291,8 +312,8 @@ def _run_latency(pr: _Pruning, cfg, ctx) -> None:
         goal_ms = budget if k >= cfg.steps else lat0 - (lat0 - budget) * k / cfg.steps  # linear in latency
         floor = not pr.prune_to(macs=_next_macs(pr.rounds, goal_ms, cfg.steps - k + 1), rnd=k)
         metrics = pr.fine_tune(split[k - 1] if k <= cfg.steps else split[-1])
-        lat = _measure_latency(pr)
-        pr.note(k, metrics, lat)
+        lat, share = _measure_latency(pr, lat0)
+        pr.note(k, metrics, lat, share)
     if lat > budget:
         what = (f"target_latency_ms={cfg.target_latency_ms}" if cfg.target_latency_ms is not None else
                 f"target_latency_ratio={cfg.target_latency_ratio} ({budget:.3f} ms)") + f", measured as {pr.measured_as},"
@@ -333,6 +354,10 @@ class PruneChannelsHandler:
         if ctx.dist.rank == 0:
             A.save(model, A.stage_path(ctx.run_dir, ctx.index))
         pr.pruner = None  # drop Torch-Pruning's graph (it holds references to the modules)
+        if pr.input_artifact is not None:
+            import shutil
+
+            shutil.rmtree(pr.input_artifact.parent, ignore_errors=True)
         return {**(pr.rounds[-1] if pr.rounds else {}), **summary}
 
     def convert(self, model, cfg, ctx):

@@ -285,8 +285,9 @@ def _run_budget(pr: _Pruning, cfg, target_macs: float | None, target_params: flo
 def _next_macs(rounds: list[dict], goal_ms: float, left: int) -> float:
     """The MACs to prune to for a latency of ``goal_ms``: along the secant of the last two measured
     rounds (latency vs MACs), else -- no usable slope yet, or a measured one that is flat or noisy --
-    MACs scaled by (goal / latency) ** (1 / rounds left). Never more than 60 % of the MACs at once,
-    never less than 2 %."""
+    MACs scaled by (goal / latency) ** (1 / rounds left). Never more than 30 % of the MACs at once (a
+    slope read from two noisy latencies can point far beyond what one round of fine-tuning recovers
+    from), never less than 2 %."""
     last = rounds[-1]
     macs, lat = last["macs"], last["latency_ms"]
     goal = macs * (goal_ms / lat) ** (1.0 / max(left, 1))
@@ -295,7 +296,7 @@ def _next_macs(rounds: list[dict], goal_ms: float, left: int) -> float:
         dm, dl = prev["macs"] - macs, prev["latency_ms"] - lat
         if dm > 0 and dl > 0:
             goal = macs - (lat - goal_ms) * dm / dl
-    return min(max(goal, 0.4 * macs), 0.98 * macs)
+    return min(max(goal, 0.7 * macs), 0.98 * macs)
 
 
 def _run_latency(pr: _Pruning, cfg, ctx) -> None:

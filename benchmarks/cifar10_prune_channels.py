@@ -175,10 +175,15 @@ def latency_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
     ft = _fine_tune(args, method="prune_channels", baseline=baseline)
     qat = {"method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples, "batch_size": 64,
            "lr": 5e-4, "optimizer": "sgd", "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}
-    for ratio in args.latency_ratios:
-        for select in args.latency_selects:
-            d = WORK / f"edgec-int8lat{ratio:g}-{select}"
-            name = f"edgec int8 latency x{ratio:g}, select {select} + int8"
+    todo = [("target_latency_ratio", ratio, select) for ratio in args.latency_ratios for select in args.latency_selects]
+    todo += [("target_macs", m, "latency") for m in args.select_latency_macs]
+    for target, value, select in todo:
+        if target == "target_macs":
+            d = WORK / f"edgec-macs{value:g}-select-latency"
+            name = f"edgec ch {1 / value:.3g}x, select latency + int8"
+        else:
+            d = WORK / f"edgec-int8lat{value:g}-{select}"
+            name = f"edgec int8 latency x{value:g}, select {select} + int8"
             failed = d / "failed.txt"
             if failed.is_file():
                 log(f"{name}: {failed.read_text().strip()}")
@@ -186,8 +191,8 @@ def latency_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
             if not (d / "export" / "model_compressed.onnx").is_file():
                 t = time.perf_counter()
                 try:
-                    _compress("resnet20", spec, _recipe(f"int8lat{ratio:g}-{select}", [{
-                        "method": "prune_channels", "target_latency_ratio": ratio, "select": select,
+                    _compress("resnet20", spec, _recipe(d.name, [{
+                        "method": "prune_channels", target: value, "select": select,
                         "importance": "l2", "scope": "global", "steps": args.steps, "max_extra_steps": 2,
                         "round_to": args.round_to, **ft}, qat]), d, weights=baseline)
                 except EdgecError as exc:
@@ -291,6 +296,8 @@ def main() -> int:
                     help="extra rows: edgec's stage (1 step) with these module globs kept whole, FP32 and + int8")
     ap.add_argument("--latency-selects", nargs="+", choices=("importance", "latency"), default=["importance", "latency"],
                     help="which selections --latency-ratios trains (two calls can train them side by side)")
+    ap.add_argument("--select-latency-macs", type=float, nargs="*", default=[],
+                    help="also prune to these MAC shares with select: latency (measured int8 cost), + int8 QAT")
     ap.add_argument("--train-only", action="store_true", help="train the missing rows, measure nothing")
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--latency-ratios", type=float, nargs="*", default=[],
@@ -336,7 +343,7 @@ def main() -> int:
     meta = {"task": "CIFAR-10 (JPEG q75 copy), resnet20 (option-B shortcuts)", "baseline": args.baseline.name,
             "budget": {"fine_tune_epochs": args.ft_epochs, "fine_tune_samples": args.ft_samples, "lr": args.ft_lr,
                        "kd": "from the unpruned baseline, T 4, alpha 0.7", "edgec_steps": args.steps, "also_steps": args.also_steps, "matched": args.matched, "ignore": args.ignore,
-                       "latency_ratios": args.latency_ratios,
+                       "latency_ratios": args.latency_ratios, "select_latency_macs": args.select_latency_macs,
                        "round_to": args.round_to, "qat_epochs": args.qat_epochs, "qat_samples": args.qat_samples},
             "latency": {"threads": 1, "batches": [1, 32], "runs": args.runs, "rounds": args.rounds,
                         "how": "edgec.bench.compare, every artifact in one interleaved run per batch size"},

@@ -231,7 +231,7 @@ def _measure_latency(pr: "_Pruning", lat0: float | None = None) -> tuple[float, 
     """(p50 ms, share of the input's latency) of the model's export (``measure_as``) at batch 1 in ORT (the
     run's providers and threads); rank 0 measures, every rank gets the numbers.
 
-    With ``lat0`` (the input's p50, for ``target_latency_ratio``) the share is measured against the input's
+    With ``lat0`` (the input's p50; not for ``target_latency_ms``) the share is measured against the input's
     export in one interleaved run (:func:`edgec.bench.compare.compare_latency`, 3 rounds) and the latency is
     ``lat0`` x that share, so a loaded machine moves both sides alike; without it the input itself is
     measured and exported for the later comparisons."""
@@ -256,7 +256,7 @@ def _measure_latency(pr: "_Pruning", lat0: float | None = None) -> tuple[float, 
             with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
                 path = pr.export(pr.model, Path(tmp) / "pruned.onnx")
                 pr.model.to(ctx.device)
-                if pr.cfg.target_latency_ratio is None:
+                if pr.cfg.target_latency_ms is not None:
                     res = bench(path, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
                                 providers=providers)
                     out = (float(res["latency_ms"]["p50"]), None)
@@ -330,6 +330,20 @@ def _run_latency(pr: _Pruning, cfg, ctx) -> None:
                  "with more bench.threads")
 
 
+def _say_speed(pr: _Pruning, lat0: float) -> None:
+    """select: latency under a MAC / parameter budget: measure what the pruning bought at the deployed
+    precision (interleaved against the input), keep it on the last round, and say when it bought nothing."""
+    lat, share = _measure_latency(pr, lat0)
+    last = pr.rounds[-1]
+    last.update(latency_ms=lat, latency_share=share)
+    pr.ctx.log(f"channel pruning: {pr.measured_as} latency {lat0:.3f} -> {lat:.3f} ms ({share:.3f} of the input's, "
+               "interleaved)")
+    if share > 0.98:
+        pr.ctx.log(f"[yellow]channel pruning made the {pr.measured_as} graph no faster on this target ({share:.3f} of "
+                   "the input's latency): the model got smaller, not faster; int8 alone (qat-int8 / ptq-int8) may "
+                   "serve as well, or give target_latency_ratio to prune until it is faster[/]")
+
+
 class PruneChannelsHandler:
     def prepare(self, model, cfg, ctx):
         if ctx.rebuild:  # replay: the fresh model takes the shrunk shapes, load_state_dict the values
@@ -343,12 +357,16 @@ class PruneChannelsHandler:
         if cfg.latency_target:
             _run_latency(pr, cfg, ctx)
         else:
+            lat0 = _measure_latency(pr)[0] if cfg.select == "latency" else None
             _run_budget(pr, cfg, None if cfg.target_macs is None else _absolute(cfg.target_macs, pr.macs0),
                         None if cfg.target_params is None else _absolute(cfg.target_params, pr.params0))
+            if lat0 is not None:
+                _say_speed(pr, lat0)
         macs, params = C.count(model, pr.example)
+        timed = cfg.latency_target or cfg.select == "latency"
         summary = {"macs_before": pr.macs0, "macs_after": macs, "params_before": pr.params0, "params_after": params,
                    "macs_ratio": macs / pr.macs0, "params_ratio": params / pr.params0, "rounds": pr.rounds,
-                   "select": cfg.select, "latency_measured_as": pr.measured_as if cfg.latency_target else None}
+                   "select": cfg.select, "latency_measured_as": pr.measured_as if timed else None}
         ctx.record(event="prune_channels", **summary)
         ctx.log(f"channel pruning done: MACs {pr.macs0:,} -> {macs:,} ({macs / pr.macs0:.3f}), params "
                 f"{pr.params0:,} -> {params:,} ({params / pr.params0:.3f})")

@@ -219,6 +219,9 @@ def depthwise_rows(args, spec: str) -> dict[str, Path]:
         _compress(model, spec, "ptq-int8", ptq, weights=weights)
     files["mbv2 fp32"] = ptq / "export" / "model_fp32.onnx"
     files["mbv2 int8 ptq"] = ptq / "export" / "model_compressed.onnx"
+    old = WORK / "mbv2-ch2x-importance-int8"  # the recipe before select: latency (kept from an earlier call)
+    if (old / "export" / "model_compressed.onnx").is_file():
+        files["mbv2 ch 2x, select importance + int8"] = old / "export" / "model_compressed.onnx"
     ch = WORK / "mbv2-prune-channels-int8"
     if not (ch / "export" / "model_compressed.onnx").is_file():
         import edgec
@@ -227,7 +230,7 @@ def depthwise_rows(args, spec: str) -> dict[str, Path]:
             f"stages.0.epochs={args.ft_epochs}", f"stages.0.max_train_samples={args.ft_samples}",
             f"stages.0.round_to={args.round_to}", "stages.0.batch_size=128", f"stages.1.epochs={args.qat_epochs}",
             f"stages.1.max_train_samples={args.qat_samples}", "bench.enabled=false", "export.min_fidelity=0"])
-    files["mbv2 ch 2x + int8 (prune-channels-int8)"] = ch / "export" / "model_compressed.onnx"
+    files["mbv2 ch 2x, select latency + int8 (prune-channels-int8)"] = ch / "export" / "model_compressed.onnx"
     return files
 
 
@@ -330,11 +333,11 @@ def main() -> int:
     t0 = time.perf_counter()
     ex, ey = to_numpy(load_data(spec, seed=0).eval, limit=500 if args.quick else None)
     dw = depthwise_rows(args, spec) if args.part in ("depthwise", "all") else {}
-    rows = measure(dw, ex, ey, args) if dw else []
     if args.train_only:
         if args.part in ("resnet", "all"):
             pruned_rows(args, spec, args.baseline)
         return 0
+    rows = measure(dw, ex, ey, args) if dw else []
     if args.part in ("resnet", "all"):
         rows = measure(pruned_rows(args, spec, args.baseline), ex, ey, args) + rows
     import onnxruntime

@@ -90,3 +90,45 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
     run = json.loads((out / "run.json").read_text())
     assert run["identity"]["world_size"] == 2
+
+
+LATENCY_RECIPE = """\
+version: 1
+name: ddp-select-latency
+stages:
+  - method: prune_channels
+    target_macs: 0.5
+    select: latency
+    cost_runs: 20
+    latency_runs: 20
+    steps: 2
+    epochs: 2
+    batch_size: 64
+    optimizer: adam
+    lr: 0.001
+  - method: qat
+    epochs: 1
+    batch_size: 64
+"""
+
+
+def test_torchrun_select_latency_measures_on_rank_0_and_every_rank_prunes_alike(tmp_path):
+    """select: latency under DDP: rank 0 profiles (every round) and times (before and after), every rank gets
+    its numbers (else the ranks would prune different channels and DDP would fail or hang)."""
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LATENCY_RECIPE)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29633",
+           "-m", "edgec", "compress", "--model", "digits_cnn", "--data", "digits", "--recipe", str(recipe),
+           "--out", str(out), "--device", "cpu", "--no-export"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    costs = [e for e in events if e.get("event") == "prune_channels_cost"]
+    assert len(costs) == 2 and all(c["measured_as"] == "W8A8" for c in costs)  # rank 0 records, once per round
+    summary = next(e for e in events if e.get("event") == "prune_channels")
+    assert summary["macs_after"] <= 0.5 * summary["macs_before"] and summary["rounds"][-1]["latency_share"] > 0
+    state = _final(out)
+    assert state["conv2.weight"].shape[0] < 64 or state["conv3.weight"].shape[0] < 64

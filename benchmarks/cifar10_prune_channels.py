@@ -184,23 +184,24 @@ def latency_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
         else:
             d = WORK / f"edgec-int8lat{value:g}-{select}"
             name = f"edgec int8 latency x{value:g}, select {select} + int8"
-            failed = d / "failed.txt"
-            if failed.is_file():
-                log(f"{name}: {failed.read_text().strip()}")
+        failed = d / "failed.txt"
+        if failed.is_file():
+            log(f"{name}: {failed.read_text().strip()}")
+            continue
+        if not (d / "export" / "model_compressed.onnx").is_file():
+            t = time.perf_counter()
+            try:
+                _compress("resnet20", spec, _recipe(d.name, [{
+                    "method": "prune_channels", target: value, "select": select,
+                    "importance": "l2", "scope": "global", "steps": args.steps, "max_extra_steps": 2,
+                    "round_to": args.round_to, **ft}, qat]), d, weights=baseline)
+            except EdgecError as exc:
+                d.mkdir(parents=True, exist_ok=True)
+                failed.write_text(str(exc))
+                log(f"{name}: {exc}")
                 continue
-            if not (d / "export" / "model_compressed.onnx").is_file():
-                t = time.perf_counter()
-                try:
-                    _compress("resnet20", spec, _recipe(d.name, [{
-                        "method": "prune_channels", target: value, "select": select,
-                        "importance": "l2", "scope": "global", "steps": args.steps, "max_extra_steps": 2,
-                        "round_to": args.round_to, **ft}, qat]), d, weights=baseline)
-                except EdgecError as exc:
-                    failed.write_text(str(exc))
-                    log(f"{name}: {exc}")
-                    continue
-                log(f"{name}: {time.perf_counter() - t:.0f} s")
-            files[name] = d / "export" / "model_compressed.onnx"
+            log(f"{name}: {time.perf_counter() - t:.0f} s")
+        files[name] = d / "export" / "model_compressed.onnx"
     return files
 
 

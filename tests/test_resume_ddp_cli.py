@@ -132,3 +132,32 @@ def test_torchrun_select_latency_measures_on_rank_0_and_every_rank_prunes_alike(
     assert summary["macs_after"] <= 0.5 * summary["macs_before"] and summary["rounds"][-1]["latency_share"] > 0
     state = _final(out)
     assert state["conv2.weight"].shape[0] < 64 or state["conv3.weight"].shape[0] < 64
+
+
+def test_torchrun_max_drop_probes_on_rank_0_while_the_other_rank_waits(tmp_path):
+    """A training stage's max_drop under DDP: rank 0 runs the short QAT probes (single-process training
+    on its own, no collectives) while rank 1 waits at the decision's broadcast; both then train with
+    the same precision and the run finishes."""
+    import json
+
+    from edgec.models import save_weights
+    from test_precision import train
+
+    weights = save_weights(train("digits_cnn", epochs=2), tmp_path / "fp32.pt")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29635",
+           "-m", "edgec", "compress", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits",
+           "--recipe", "qat-int8", "--out", str(out), "--device", "cpu", "--no-export",
+           "--set", "stages.0.weight_bits=3", "--set", "stages.0.act_bits=3", "--set", "stages.0.epochs=1",
+           "--set", "stages.0.max_train_samples=256", "--set", "stages.0.calibration_samples=256",
+           "--set", "stages.0.precision.keep_slow_float=false", "--set", "stages.0.precision.max_drop=0.0",
+           "--set", "stages.0.precision.eval_samples=200"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((out / "stages" / "stage0.precision.json").read_text())
+    acc = doc["accuracy"]
+    assert acc["judged_on"] == "qat_probe" and acc["probes"], acc  # rank 0 really probed
+    # after the DDP training: the decision's after_training is the final model's top-1 on its samples
+    from test_mixed_precision import _assert_after_training
+
+    _assert_after_training(out, doc)

@@ -18,8 +18,9 @@ instead of a lookup table per layer shape:
    layers (:func:`group_gains`). A gain at or below zero (the layer got slower) is kept as measured.
 
 :class:`LatencyAwareImportance` divides a group's importance (Torch-Pruning's, mean-normalised per
-group) by its gain, so a global ranking removes first the channels that give the most time for the
-least importance, and almost never the ones whose removal saves nothing.
+group) by its gain where the gain is beyond its measurement noise, so a global ranking removes first the
+channels that give the most time for the least importance, ranks groups whose gains are inside the noise
+by importance alone, and prunes last the ones whose removal measurably costs time.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LatencyAwareImportance", "deployed_export", "group_gains", "layer_shapes", "root_names"]
+__all__ = ["LatencyAwareImportance", "deployed_export", "group_gains", "layer_shapes", "noise_us", "root_names"]
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -87,6 +88,12 @@ def root_names(pruner, model: nn.Module) -> dict[nn.Module, str]:
     return out
 
 
+def noise_us(t_us: float) -> float:
+    """What a profiled layer time is taken to be uncertain by: the profiler's 1 us resolution, or 3 % of the
+    time (the run-to-run spread of a shared CPU) when that is more."""
+    return max(1.0, 0.03 * t_us)
+
+
 def _split(dt: float, full: tuple[int, int], slim: tuple[int, int]) -> tuple[float | None, float | None]:
     """Microseconds per removed output and per removed input channel of one layer."""
     d_out, d_in = full[0] - slim[0], full[1] - slim[1]
@@ -116,16 +123,19 @@ def group_gains(pruner, model: nn.Module, example: torch.Tensor, ignored_names: 
     a, b = (p.name for p in prof.artifacts)
     times = {r.layer: (r.us.get(a, 0.0), r.us.get(b, 0.0)) for r in prof.layers if r.kind == "layer"}
     per: dict[str, tuple[float | None, float | None]] = {}
+    unsure: dict[str, tuple[float | None, float | None]] = {}  # the same split of the layer's noise
     layers = {}
     for name, (t_full, t_slim) in times.items():
         if name in full_shapes and name in slim_shapes and t_full > 0:
             per[name] = _split(t_full - t_slim, full_shapes[name], slim_shapes[name])
+            unsure[name] = _split(noise_us(t_full), full_shapes[name], slim_shapes[name])
             layers[name] = {"full_us": t_full, "slim_us": t_slim, "full": full_shapes[name], "slim": slim_shapes[name]}
 
     names = {m: n for n, m in model.named_modules()}
     gains: dict[str, float] = {}
+    noise: dict[str, float] = {}
     for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
-        total, seen = 0.0, False
+        total, sigma, seen = 0.0, 0.0, False
         counted: set[tuple[str, str]] = set()
         for dep, _ in g:
             name = names.get(dep.target.module)
@@ -133,30 +143,38 @@ def group_gains(pruner, model: nn.Module, example: torch.Tensor, ignored_names: 
             if name not in per or (name, kind) in counted:
                 continue
             counted.add((name, kind))
-            per_out, per_in = per[name]
-            v = per_out if kind == "prune_out_channels" else per_in if kind == "prune_in_channels" else None
-            if v is not None:
-                total, seen = total + v, True
+            side = 0 if kind == "prune_out_channels" else 1 if kind == "prune_in_channels" else None
+            if side is not None and per[name][side] is not None:
+                total, sigma, seen = total + per[name][side], sigma + unsure[name][side], True
         if seen:
             gains[names.get(g[0].dep.target.module, "?")] = total
-    return {"gains": gains, "layers": layers,
+            noise[names.get(g[0].dep.target.module, "?")] = sigma
+    return {"gains": gains, "noise": noise, "layers": layers,
             "run_us": {"full": prof.artifacts[0].run_us, "slim": prof.artifacts[1].run_us}}
 
 
 class LatencyAwareImportance:
-    """Torch-Pruning importance ``inner`` divided by each group's measured gain (us per channel).
+    """Torch-Pruning importance ``inner`` divided by each group's measured cost (us per channel).
 
-    A group whose gain is below ``floor`` x the median positive gain (its channels save little or
-    nothing, or cost time) is divided by that floor instead: it keeps its order among its peers but
-    is ranked behind every group whose removal pays. Without gains (before :meth:`set_gains`) it is
-    ``inner`` unchanged."""
+    Every cost g comes with its noise n (:func:`noise_us` of its layers, split the same way); c is the
+    median noise over the groups. The divisor is g (at least c) where g > 2n -- removing those channels
+    measurably saves time, and they are ranked by importance per microsecond --, c where |g| <= 2n (the
+    cost is inside the noise: plain importance order among them, so a model whose latency does not
+    depend on its channels is pruned as by importance alone), and c / 4 where g < -2n (removing them
+    measurably costs time: they go last). Without costs (before :meth:`set_gains`) it is ``inner``."""
 
-    def __init__(self, inner, floor: float = 0.05):
-        self.inner, self.floor = inner, floor
-        self.gains: dict[nn.Module, float] = {}
+    def __init__(self, inner):
+        self.inner = inner
+        self.divisors: dict[nn.Module, float] = {}
 
-    def set_gains(self, by_root: dict[nn.Module, float]) -> None:
-        self.gains = dict(by_root)
+    def set_gains(self, gains: dict[nn.Module, float], noise: dict[nn.Module, float] | None = None) -> None:
+        noise = {m: max((noise or {}).get(m, 0.0), 0.0) for m in gains}
+        levels = sorted(noise.values())
+        c = max(levels[len(levels) // 2] if levels else 0.0, 1e-9)
+        self.divisors = {}
+        for mod, g in gains.items():
+            n = noise[mod]
+            self.divisors[mod] = max(g, c) if g > 2 * n else c / 4 if g < -2 * n else c
 
     def __getattr__(self, item):  # refresh() ... of the wrapped importance
         if item == "inner":
@@ -166,13 +184,7 @@ class LatencyAwareImportance:
     @torch.no_grad()
     def __call__(self, group):
         imp = self.inner(group)
-        if imp is None or not self.gains:
+        d = self.divisors.get(group[0].dep.target.module)
+        if imp is None or d is None:
             return imp
-        positive = sorted(v for v in self.gains.values() if v > 0)
-        if not positive:
-            return imp
-        low = self.floor * positive[len(positive) // 2]
-        gain = self.gains.get(group[0].dep.target.module)
-        if gain is None:
-            return imp
-        return imp / max(gain, low)
+        return imp / d

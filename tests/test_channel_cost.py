@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from cli_util import run_cli
 from edgec import channel_cost as K
@@ -151,3 +152,28 @@ def test_next_macs_follows_the_measured_secant_and_is_clamped():
     # never more than 30 % at once, never less than 2 %
     assert _next_macs([r0, {"macs": 800, "latency_ms": 0.999}], 0.5, 1) == pytest.approx(0.7 * 800)
     assert _next_macs([r0], 0.9999, 1) == pytest.approx(0.98 * 1000)
+
+
+def test_costs_inside_the_noise_leave_the_importance_order_alone():
+    """A model whose latency does not depend on its channels (every gain 0 within its noise) is pruned
+    exactly as by importance alone; the divisor follows the significance of each gain."""
+    def step(with_costs: bool):
+        m, x, ignored, _ = _resnet()
+        imp = K.LatencyAwareImportance(C.make_importance("l2"))
+        pr = _pruner(m, x, ignored, imp)
+        if with_costs:
+            roots = K.root_names(pr, m)
+            imp.set_gains({mod: 0.0 for mod in roots}, {mod: 0.2 for mod in roots})
+        for group in pr.step(interactive=True):
+            group.prune()
+        return C._shapes(m)
+
+    assert step(True) == step(False)
+    imp = K.LatencyAwareImportance(C.make_importance("l2"))
+    a, b, c = nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 1)
+    d = nn.Linear(1, 1)
+    imp.set_gains({a: 0.5, b: -0.3, c: 0.05, d: 0.15}, {a: 0.1, b: 0.1, c: 0.1, d: 0.05})
+    # a saves beyond its noise: its gain; b costs beyond it: a quarter of the median noise; c is inside
+    # its noise: the median noise (0.1); d (0.15 > 2 x 0.05) is significant too: its gain
+    assert imp.divisors == {a: pytest.approx(0.5), b: pytest.approx(0.025), c: pytest.approx(0.1), d: pytest.approx(0.15)}
+    assert K.noise_us(10.0) == 1.0 and K.noise_us(100.0) == pytest.approx(3.0)

@@ -160,10 +160,11 @@ class _Pruning:
             self.model.to(self.ctx.device)
         res = D.broadcast_object(res)
         roots = {n: m for m, n in K.root_names(self.pruner, self.model).items()}
-        self.importance.set_gains({roots[n]: g for n, g in res["gains"].items() if n in roots})
+        self.importance.set_gains({roots[n]: g for n, g in res["gains"].items() if n in roots},
+                                  {roots[n]: v for n, v in res["noise"].items() if n in roots})
         gains = {n: round(g, 3) for n, g in sorted(res["gains"].items(), key=lambda kv: -kv[1])}
         self.ctx.record(event="prune_channels_cost", round=rnd, measured_as=self.measured_as, us_per_channel=gains,
-                        run_us=res["run_us"])
+                        noise_us_per_channel={n: round(v, 3) for n, v in res["noise"].items()}, run_us=res["run_us"])
         shown = ", ".join(f"{n} {g:.2f}" for n, g in gains.items())
         self.ctx.log(f"channel cost ({self.measured_as}, us per channel, round {rnd}): {shown}")
 

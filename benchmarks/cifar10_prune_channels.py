@@ -223,6 +223,9 @@ def depthwise_rows(args, spec: str) -> dict[str, Path]:
     old = WORK / "mbv2-ch2x-importance-int8"  # the recipe before select: latency (kept from an earlier call)
     if (old / "export" / "model_compressed.onnx").is_file():
         files["mbv2 ch 2x, select importance + int8"] = old / "export" / "model_compressed.onnx"
+    half = WORK / "mbv2-ch2x-latency-int8"  # the shipped recipe at target_macs 0.5 (kept from an earlier call)
+    if (half / "export" / "model_compressed.onnx").is_file():
+        files["mbv2 ch 2x, select latency + int8"] = half / "export" / "model_compressed.onnx"
     ch = WORK / "mbv2-prune-channels-int8"
     if not (ch / "export" / "model_compressed.onnx").is_file():
         import edgec
@@ -231,7 +234,7 @@ def depthwise_rows(args, spec: str) -> dict[str, Path]:
             f"stages.0.epochs={args.ft_epochs}", f"stages.0.max_train_samples={args.ft_samples}",
             f"stages.0.round_to={args.round_to}", "stages.0.batch_size=128", f"stages.1.epochs={args.qat_epochs}",
             f"stages.1.max_train_samples={args.qat_samples}", "bench.enabled=false", "export.min_fidelity=0"])
-    files["mbv2 ch 2x, select latency + int8 (prune-channels-int8)"] = ch / "export" / "model_compressed.onnx"
+    files["mbv2 ch 1.43x, select latency + int8 (prune-channels-int8)"] = ch / "export" / "model_compressed.onnx"
     return files
 
 

@@ -200,10 +200,9 @@ SHORT = ["--set", "stages.0.epochs=2", "--set", "stages.0.batch_size=32", "--set
          "--set", "stages.1.precision.keep_slow_float=false"]
 
 
-# The tiny digits models lose 2-25 pt at half the MACs after 4 short epochs, depending on the initial weights
-# (measured over 4 seeds for mobilenet_digits: 80-95 %): these tests check structure, parity and the
-# pipeline, so the export's fidelity gate is lowered; accuracy at equal budgets is the benchmark's job.
-E2E = [*SHORT, "--set", "stages.0.epochs=4", "--set", "export.min_fidelity=0.7"]
+# At half the MACs the tiny digits models lost 2-25 pt after 4 short epochs depending on their initial weights
+# (mobilenet_digits, 4 seeds: 80-95 %); at the recipe's 0.7 they keep 97-98 %. The initial weights are seeded.
+E2E = [*SHORT, "--set", "stages.0.epochs=4"]
 
 
 def _compress_and_check(capsys, tmp_path, model_spec, factory):
@@ -217,15 +216,15 @@ def _compress_and_check(capsys, tmp_path, model_spec, factory):
     assert res.code == 0, res.err + res.out
     fp32, comp = out / "export/model_fp32.onnx", out / "export/model_compressed.onnx"
     macs_in, macs_out = onnx_macs(fp32), onnx_macs(comp)
-    assert macs_out <= 0.55 * macs_in, (macs_in, macs_out)
+    assert macs_out <= 0.75 * macs_in, (macs_in, macs_out)  # the recipe's target_macs 0.7, counted on the ONNX graphs
     check = json.loads((out / "export/model_compressed.check.json").read_text())
     assert check["quantized"] and check["parity"]["top1_agreement"] >= 0.99
     assert check["parity"]["fused_compute"] == check["parity"]["compute_nodes"] > 0
     rows = json.loads((out / "report.json").read_text())["rows"]
-    assert rows[1]["accuracy"] > 0.7 and rows[1]["parity_top1"] >= 0.99
+    assert rows[1]["accuracy"] > 0.85 and rows[1]["parity_top1"] >= 0.99
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     summary = next(e for e in events if e.get("event") == "prune_channels")
-    assert summary["macs_after"] <= 0.5 * summary["macs_before"] and summary["params_after"] < summary["params_before"]
+    assert summary["macs_after"] <= 0.7 * summary["macs_before"] and summary["params_after"] < summary["params_before"]
     # the shipped recipe selects channels by their measured int8 cost and measures what that bought
     # (interleaved against the unpruned int8 graph; a number, not asserted: it is this machine's)
     assert summary["select"] == "latency" and summary["latency_measured_as"] == "W8A8"

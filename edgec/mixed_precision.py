@@ -196,7 +196,7 @@ def speed_override(name: str, spec, at: dict) -> LayerOverride:
 
 
 def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc: dict, log):
-    """Float layers for speed: the measured-slower ones if that beats uniform, then more while the
+    """Float layers for speed: the measured-slower ones if that beats uniform by ``min_gain``, then more while the
     artifact is slower than FP32; the fastest candidate measured wins (uniform among them, so the chosen
     artifact is never measured slower than uniform). Returns ({name: override}, {name: reason})."""
     from edgec.quant.precision import resolve_precision
@@ -214,10 +214,13 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
         chosen, _ = bench.export(with_overrides(spec, extra))
         s = bench.speedups({"uniform": uniform, "chosen": chosen})
         doc["uniform_speedup"], speed = s["uniform"], s["chosen"]
-        if speed <= doc["uniform_speedup"]:
+        gain = getattr(pol, "min_gain", 0.0)
+        if speed <= doc["uniform_speedup"] * (1.0 + gain):
             what = "float / at 8 bits" if low else "float"
             doc["per_layer_rejected"] = (f"{len(extra)} slower layer(s) {what} measured x{speed:.2f} vs uniform "
-                                         f"x{doc['uniform_speedup']:.2f}: kept uniform")
+                                         f"x{doc['uniform_speedup']:.2f}"
+                                         + (f" (less than {100 * gain:.0f} % faster)" if speed > doc["uniform_speedup"]
+                                            else "") + ": kept uniform")
             log(f"precision: {doc['per_layer_rejected']}")
             extra, reasons, speed = {}, {}, doc["uniform_speedup"]
     else:

@@ -90,6 +90,9 @@ class Precision(Strict):
     slower_share: float = Field(0.8, gt=0.5, le=1, description="a layer counts as slower when its int8 kernels took "
                                                                "longer in at least this share of the profiled calls")
     min_us: float = Field(2.0, ge=0, description="... and by at least this many microseconds (median)")
+    min_gain: float = Field(0.03, ge=0, lt=1, description="the slower layers go float only when the whole artifact "
+                                                         "is then measured at least this share faster than uniform "
+                                                         "(a smaller gain is inside a shared CPU's noise)")
     eval_samples: int = Field(1000, ge=10, description="samples for the max_drop measurement")
     probe: float = Field(0.25, ge=0, le=1, description="stages that train (qat, qkd): max_drop is judged on candidate "
                                                        "graphs trained for this share of the stage's training samples "

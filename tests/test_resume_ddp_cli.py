@@ -43,6 +43,15 @@ def _cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
             str(recipe), "--out", str(out), "--device", "cpu", "--no-export", *extra]
 
 
+def _torchrun_compress(port: int, recipe, out: Path, *extra: str, timeout: int = 300) -> None:
+    """``torchrun --nproc_per_node=2 -m edgec compress`` on digits_cnn / digits (CPU, no export); must exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "edgec", "compress", "--model", "digits_cnn", "--data", "digits", "--recipe", str(recipe),
+           "--out", str(out), "--device", "cpu", "--no-export", *extra]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def _final(out: Path) -> dict:
     return torch.load(out / "model_final.pt", weights_only=True)["model"]
 
@@ -79,11 +88,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.replace("epochs: 2", "epochs: 1").replace("epochs: 3", "epochs: 1"))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
-           "-m", "edgec", "compress", "--model", "digits_cnn", "--data", "digits", "--recipe", str(recipe),
-           "--out", str(out), "--device", "cpu", "--no-export"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_compress(29631, recipe, out)
     state = _final(out)
     assert any(k.endswith("weight_mask") for k in state)
     import json
@@ -120,11 +125,7 @@ def test_torchrun_select_latency_measures_on_rank_0_and_every_rank_prunes_alike(
     recipe = tmp_path / "r.yaml"
     recipe.write_text(LATENCY_RECIPE)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29633",
-           "-m", "edgec", "compress", "--model", "digits_cnn", "--data", "digits", "--recipe", str(recipe),
-           "--out", str(out), "--device", "cpu", "--no-export"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_compress(29633, recipe, out)
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     costs = [e for e in events if e.get("event") == "prune_channels_cost"]
     assert len(costs) == 2 and all(c["measured_as"] == "W8A8" for c in costs)  # rank 0 records, once per round
@@ -145,15 +146,11 @@ def test_torchrun_max_drop_probes_on_rank_0_while_the_other_rank_waits(tmp_path)
 
     weights = save_weights(train("digits_cnn", epochs=2), tmp_path / "fp32.pt")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29635",
-           "-m", "edgec", "compress", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits",
-           "--recipe", "qat-int8", "--out", str(out), "--device", "cpu", "--no-export",
-           "--set", "stages.0.weight_bits=3", "--set", "stages.0.act_bits=3", "--set", "stages.0.epochs=1",
-           "--set", "stages.0.max_train_samples=256", "--set", "stages.0.calibration_samples=256",
-           "--set", "stages.0.precision.keep_slow_float=false", "--set", "stages.0.precision.max_drop=0.0",
-           "--set", "stages.0.precision.eval_samples=200"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_compress(29635, "qat-int8", out, "--weights", str(weights),
+                       "--set", "stages.0.weight_bits=3", "--set", "stages.0.act_bits=3", "--set", "stages.0.epochs=1",
+                       "--set", "stages.0.max_train_samples=256", "--set", "stages.0.calibration_samples=256",
+                       "--set", "stages.0.precision.keep_slow_float=false", "--set", "stages.0.precision.max_drop=0.0",
+                       "--set", "stages.0.precision.eval_samples=200", timeout=400)
     doc = json.loads((out / "stages" / "stage0.precision.json").read_text())
     acc = doc["accuracy"]
     assert acc["judged_on"] == "qat_probe" and acc["probes"], acc  # rank 0 really probed

@@ -89,7 +89,8 @@ class PruneChannelsStage(Optim):
         if len(given) != 1:
             raise ValueError("give exactly one of target_macs, target_params (ratio of the input's when <= 1, "
                              "else a count), target_latency_ms and target_latency_ratio"
-                             + (f"; got {', '.join(given)}" if given else ""))
+                             + (f"; got {', '.join(given)} (unset one with --set stages.N.{given[0]}=null)"
+                                if len(given) > 1 else ""))
         return self
 
     @property
@@ -326,9 +327,10 @@ def _run_latency(pr: _Pruning, cfg, ctx) -> None:
             f"{best['latency_ms']:.3f} ms (round {best['round']}, MACs {best['macs_ratio']:.3f} of the input, eval "
             f"accuracy {'n/a' if acc is None else f'{acc:.4f}'})"
             + (" and the pruning floor was reached" if floor else ""),
-            hint="raise the budget (target_latency_ms / target_latency_ratio), raise max_layer_ratio / "
-                 "max_extra_steps, try select: latency (channels chosen by their measured cost), or measure "
-                 "with more bench.threads")
+            hint="raise the budget (target_latency_ms / target_latency_ratio), raise max_layer_ratio / max_extra_steps"
+                 + (", try select: latency (channels chosen by their measured cost)" if cfg.select != "latency" else "")
+                 + ", or measure with more bench.threads; the report of a run with a MAC target shows what "
+                   "pruning buys on this target (select: latency measures it)")
 
 
 def _say_speed(pr: _Pruning, lat0: float) -> None:

@@ -49,6 +49,12 @@ def _fine_tune(args, *, method: str, baseline: Path) -> dict:
             "kd": {"teacher": "resnet20", "teacher_weights": str(baseline), "temperature": 4.0, "alpha": 0.7}}
 
 
+def _qat(args) -> dict:
+    """The QAT stage every "+ int8" row shares."""
+    return {"method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples, "batch_size": 64,
+            "lr": 5e-4, "optimizer": "sgd", "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}
+
+
 def _recipe(name: str, stages: list[dict]) -> dict:
     return {"version": 1, "name": name, "description": f"benchmark row {name}", "target": "x86", "stages": stages,
             "export": {"min_fidelity": 0.0}, "bench": {"enabled": False, "max_drop": 1.0}}
@@ -131,10 +137,7 @@ def pruned_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
             files[f"edgec ch {r:g}x, 1 step, ignore {tag}"] = i_dir / "export" / "model_compressed.onnx"
             iq_dir = i_dir.with_name(i_dir.name + "-int8")
             if not (iq_dir / "export" / "model_compressed.onnx").is_file():
-                _compress(rebuild_model(i_dir, "final"), spec, _recipe(f"ch{r:g}x-ignore-int8", [{
-                    "method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples,
-                    "batch_size": 64, "lr": 5e-4, "optimizer": "sgd",
-                    "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}]), iq_dir)
+                _compress(rebuild_model(i_dir, "final"), spec, _recipe(f"ch{r:g}x-ignore-int8", [_qat(args)]), iq_dir)
             files[f"edgec ch {r:g}x, 1 step, ignore {tag} + int8"] = iq_dir / "export" / "model_compressed.onnx"
         for n in args.also_steps:  # the same budget in another number of rounds (FP32 rows only)
             s_dir = WORK / f"edgec-ch{r:g}x-s{n}"
@@ -148,9 +151,7 @@ def pruned_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
         q_dir = WORK / f"edgec-ch{r:g}x-int8"
         if not (q_dir / "export" / "model_compressed.onnx").is_file():
             pruned = rebuild_model(ch_dir, "final")
-            _compress(pruned, spec, _recipe(f"ch{r:g}x-int8", [{
-                "method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples, "batch_size": 64,
-                "lr": 5e-4, "optimizer": "sgd", "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}]), q_dir)
+            _compress(pruned, spec, _recipe(f"ch{r:g}x-int8", [_qat(args)]), q_dir)
         files[f"edgec ch {r:g}x + int8"] = q_dir / "export" / "model_compressed.onnx"
         tp_dir = WORK / f"tp-ch{r:g}x"
         if not (tp_dir / "export" / "model_compressed.onnx").is_file():
@@ -173,8 +174,7 @@ def latency_rows(args, spec: str, baseline: Path) -> dict[str, Path]:
 
     files: dict[str, Path] = {}
     ft = _fine_tune(args, method="prune_channels", baseline=baseline)
-    qat = {"method": "qat", "epochs": args.qat_epochs, "max_train_samples": args.qat_samples, "batch_size": 64,
-           "lr": 5e-4, "optimizer": "sgd", "kd": {"teacher": "input", "temperature": 4.0, "alpha": 0.5}}
+    qat = _qat(args)
     todo = [("target_latency_ratio", ratio, select) for ratio in args.latency_ratios for select in args.latency_selects]
     todo += [("target_macs", m, "latency") for m in args.select_latency_macs]
     for target, value, select in todo:

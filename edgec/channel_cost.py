@@ -176,11 +176,6 @@ class LatencyAwareImportance:
             n = noise[mod]
             self.divisors[mod] = max(g, c) if g > 2 * n else c / 4 if g < -2 * n else c
 
-    def __getattr__(self, item):  # refresh() ... of the wrapped importance
-        if item == "inner":
-            raise AttributeError(item)
-        return getattr(self.inner, item)
-
     @torch.no_grad()
     def __call__(self, group):
         imp = self.inner(group)

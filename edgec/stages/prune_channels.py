@@ -119,7 +119,6 @@ class _Pruning:
         self.batches = batches
         ignored, self.protected = C.protected_layers(model, self.example, prune_first_last=cfg.prune_first_last,
                                                      ignore=cfg.ignore)
-        self.ignored_names = self.protected
         self.inner = C.make_importance(cfg.importance, batches_fn=batches, seed=ctx.seed + ctx.index)
         self.importance = K.LatencyAwareImportance(self.inner) if cfg.select == "latency" else self.inner
         self.spec = _deployed_spec(cfg, ctx)
@@ -155,7 +154,7 @@ class _Pruning:
             return
         res = None
         if self.ctx.dist.rank == 0:
-            res = K.group_gains(self.pruner, self.model, self.example, self.ignored_names, export=self.export,
+            res = K.group_gains(self.pruner, self.model, self.example, self.protected, export=self.export,
                                 threads=_threads(self.ctx), providers=list(self.ctx.target.ort_providers),
                                 runs=self.cfg.cost_runs, slim=self.cfg.cost_slim, round_to=self.cfg.round_to)
             self.model.to(self.ctx.device)
@@ -229,44 +228,58 @@ def _deployed_spec(cfg, ctx):
     return quant_spec_of(ctx.recipe)
 
 
-def _measure_latency(pr: "_Pruning", lat0: float | None = None) -> tuple[float, float | None]:
-    """(p50 ms, share of the input's latency) of the model's export (``measure_as``) at batch 1 in ORT (the
-    run's providers and threads); rank 0 measures, every rank gets the numbers.
+def _p50(pr: "_Pruning", path) -> float:
+    """p50 ms of ``path`` at batch 1 in ORT (the run's providers and threads)."""
+    from edgec.bench.latency import bench
 
-    With ``lat0`` (the input's p50; not for ``target_latency_ms``) the share is measured against the input's
-    export in one interleaved run (:func:`edgec.bench.compare.compare_latency`, 3 rounds) and the latency is
-    ``lat0`` x that share, so a loaded machine moves both sides alike; without it the input itself is
-    measured and exported for the later comparisons."""
+    res = bench(path, threads=_threads(pr.ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
+                providers=list(pr.ctx.target.ort_providers))
+    return float(res["latency_ms"]["p50"])
+
+
+def _measure_input(pr: "_Pruning") -> float:
+    """p50 ms of the unpruned model's export (``measure_as``); the export is kept for the later
+    interleaved comparisons. Rank 0 measures, every rank gets the number."""
+    import tempfile
+    from pathlib import Path
+
+    from edgec import distributed as D
+
+    lat = None
+    if pr.ctx.dist.rank == 0:
+        pr.input_artifact = Path(tempfile.mkdtemp(prefix="edgec-prune-lat-")) / "input.onnx"
+        pr.export(pr.model, pr.input_artifact)
+        pr.model.to(pr.ctx.device)
+        lat = _p50(pr, pr.input_artifact)
+    return float(D.broadcast_object(lat))
+
+
+def _measure_latency(pr: "_Pruning", lat0: float) -> tuple[float, float | None]:
+    """(p50 ms, share of the input's latency) of the pruned model's export (``measure_as``); rank 0
+    measures, every rank gets the numbers.
+
+    The share is measured against the input's export in one interleaved run
+    (:func:`edgec.bench.compare.compare_latency`, 3 rounds) and the latency is ``lat0`` x that share, so a
+    loaded machine moves both sides alike; for ``target_latency_ms`` the pruned export is timed alone."""
     import tempfile
     from pathlib import Path
 
     from edgec import distributed as D
     from edgec.bench.compare import compare_latency
-    from edgec.bench.latency import bench
 
-    ctx, out = pr.ctx, None
-    if ctx.dist.rank == 0:
-        providers = list(ctx.target.ort_providers)
-        if lat0 is None:
-            pr.input_artifact = Path(tempfile.mkdtemp(prefix="edgec-prune-lat-")) / "input.onnx"
-            pr.export(pr.model, pr.input_artifact)
-            pr.model.to(ctx.device)
-            res = bench(pr.input_artifact, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
-                        providers=providers)
-            out = (float(res["latency_ms"]["p50"]), 1.0)
-        else:
-            with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
-                path = pr.export(pr.model, Path(tmp) / "pruned.onnx")
-                pr.model.to(ctx.device)
-                if pr.cfg.target_latency_ms is not None:
-                    res = bench(path, threads=_threads(ctx), batch=1, warmup=20, runs=pr.cfg.latency_runs,
-                                providers=providers)
-                    out = (float(res["latency_ms"]["p50"]), None)
-                else:
-                    cmp = compare_latency({"input": pr.input_artifact, "pruned": path}, threads=_threads(ctx), batch=1,
-                                          warmup=10, runs=pr.cfg.latency_runs, rounds=3, providers=providers)
-                    share = 1.0 / cmp["speedup_vs_first"]["pruned"]["median"]
-                    out = (lat0 * share, share)
+    out = None
+    if pr.ctx.dist.rank == 0:
+        with tempfile.TemporaryDirectory(prefix="edgec-prune-lat-") as tmp:
+            path = pr.export(pr.model, Path(tmp) / "pruned.onnx")
+            pr.model.to(pr.ctx.device)
+            if pr.cfg.target_latency_ms is not None:
+                out = (_p50(pr, path), None)
+            else:
+                cmp = compare_latency({"input": pr.input_artifact, "pruned": path}, threads=_threads(pr.ctx), batch=1,
+                                      warmup=10, runs=pr.cfg.latency_runs, rounds=3,
+                                      providers=list(pr.ctx.target.ort_providers))
+                share = 1.0 / cmp["speedup_vs_first"]["pruned"]["median"]
+                out = (lat0 * share, share)
     lat, share = D.broadcast_object(out)
     return float(lat), share
 
@@ -302,8 +315,7 @@ def _next_macs(rounds: list[dict], goal_ms: float, left: int) -> float:
 
 
 def _run_latency(pr: _Pruning, cfg, ctx) -> None:
-    lat, _ = _measure_latency(pr)
-    lat0 = lat
+    lat = lat0 = _measure_input(pr)
     pr.note(0, {}, lat)
     budget = cfg.target_latency_ms if cfg.target_latency_ms is not None else cfg.target_latency_ratio * lat
     if cfg.target_latency_ratio is not None:
@@ -357,14 +369,20 @@ class PruneChannelsHandler:
         pr = _Pruning(model, cfg, ctx)
         ctx.log(f"channel pruning ({cfg.importance}, {cfg.scope}, {cfg.steps} rounds): input MACs {pr.macs0:,}, "
                 f"params {pr.params0:,}; kept: {', '.join(pr.protected)}")
-        if cfg.latency_target:
-            _run_latency(pr, cfg, ctx)
-        else:
-            lat0 = _measure_latency(pr)[0] if cfg.select == "latency" else None
-            _run_budget(pr, cfg, None if cfg.target_macs is None else _absolute(cfg.target_macs, pr.macs0),
-                        None if cfg.target_params is None else _absolute(cfg.target_params, pr.params0))
-            if lat0 is not None:
-                _say_speed(pr, lat0)
+        try:
+            if cfg.latency_target:
+                _run_latency(pr, cfg, ctx)
+            else:
+                lat0 = _measure_input(pr) if cfg.select == "latency" else None
+                _run_budget(pr, cfg, None if cfg.target_macs is None else _absolute(cfg.target_macs, pr.macs0),
+                            None if cfg.target_params is None else _absolute(cfg.target_params, pr.params0))
+                if lat0 is not None:
+                    _say_speed(pr, lat0)
+        finally:  # the input's export, also when the budget was not reached
+            if pr.input_artifact is not None:
+                import shutil
+
+                shutil.rmtree(pr.input_artifact.parent, ignore_errors=True)
         macs, params = C.count(model, pr.example)
         timed = cfg.latency_target or cfg.select == "latency"
         summary = {"macs_before": pr.macs0, "macs_after": macs, "params_before": pr.params0, "params_after": params,
@@ -376,10 +394,6 @@ class PruneChannelsHandler:
         if ctx.dist.rank == 0:
             A.save(model, A.stage_path(ctx.run_dir, ctx.index))
         pr.pruner = None  # drop Torch-Pruning's graph (it holds references to the modules)
-        if pr.input_artifact is not None:
-            import shutil
-
-            shutil.rmtree(pr.input_artifact.parent, ignore_errors=True)
         return {**(pr.rounds[-1] if pr.rounds else {}), **summary}
 
     def convert(self, model, cfg, ctx):

@@ -214,7 +214,7 @@ def _for_speed(bench: _Bench, spec, names: list[str], fixed: set[str], pol, doc:
         chosen, _ = bench.export(with_overrides(spec, extra))
         s = bench.speedups({"uniform": uniform, "chosen": chosen})
         doc["uniform_speedup"], speed = s["uniform"], s["chosen"]
-        gain = getattr(pol, "min_gain", 0.0)
+        gain = pol.min_gain
         if speed <= doc["uniform_speedup"] * (1.0 + gain):
             what = "float / at 8 bits" if low else "float"
             doc["per_layer_rejected"] = (f"{len(extra)} slower layer(s) {what} measured x{speed:.2f} vs uniform "
